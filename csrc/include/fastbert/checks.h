@@ -1,0 +1,93 @@
+// Input checks shared by the CPU and CUDA torch bindings. TORCH_CHECK survives release builds and
+// `python -O`, and its message names the offending argument, shape or dtype.
+#pragma once
+
+#include <torch/types.h>
+
+#include <string>
+#include <vector>
+
+namespace fastbert {
+
+inline void check_rank(const at::Tensor& t, int64_t rank, const char* name) {
+  TORCH_CHECK(t.dim() == rank, name, " must have ", rank, " dimensions, got shape ", t.sizes());
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& reference, const char* name) {
+  TORCH_CHECK(t.device() == reference.device(), name, " is on ", t.device(), " but hidden is on ",
+              reference.device());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+inline void check_hidden_dtype(const at::Tensor& hidden) {
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "hidden must be float32, float16 or bfloat16, got ", dtype);
+}
+
+// The folded exit-head weights (fastbert_kernels/ops/types.py, FoldedWeights): every one float32
+// except w_in, which has hidden's dtype so that the projection runs in the vendor GEMM.
+struct FoldedWeights {
+  at::Tensor w_in, b_in, w_qk, b_qk, w_ov, b_ov, w_pool, b_pool, w_cls, b_cls;
+};
+
+// Checks the folded weights against hidden [N, S, H] and num_heads; returns R (branch width).
+inline int64_t check_folded_weights(const at::Tensor& hidden, const FoldedWeights& w, int64_t num_heads) {
+  TORCH_CHECK(num_heads > 0, "num_heads must be positive, got ", num_heads);
+  check_rank(w.w_in, 2, "w_in");
+  const int64_t r = w.w_in.size(0);
+  const int64_t h = hidden.size(2);
+  check_shape(w.w_in, {r, h}, "w_in");
+  TORCH_CHECK(w.w_in.scalar_type() == hidden.scalar_type(), "w_in must have hidden's dtype ",
+              hidden.scalar_type(), ", got ", w.w_in.scalar_type());
+  check_rank(w.w_cls, 2, "w_cls");
+  const int64_t c = w.w_cls.size(0);
+  TORCH_CHECK(c >= 2, "the branch needs at least 2 classes, got ", c);
+  const std::vector<std::pair<const at::Tensor*, std::vector<int64_t>>> expected = {
+      {&w.b_in, {r}},          {&w.w_qk, {num_heads * r, r}}, {&w.b_qk, {num_heads * r}},
+      {&w.w_ov, {r, num_heads * r}}, {&w.b_ov, {r}},       {&w.w_pool, {r, r}},
+      {&w.b_pool, {r}},        {&w.w_cls, {c, r}},            {&w.b_cls, {c}}};
+  const char* names[] = {"b_in", "w_qk", "b_qk", "w_ov", "b_ov", "w_pool", "b_pool", "w_cls", "b_cls"};
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const at::Tensor& t = *expected[i].first;
+    check_shape(t, expected[i].second, names[i]);
+    check_dtype(t, at::kFloat, names[i]);
+    check_same_device(t, hidden, names[i]);
+    TORCH_CHECK(t.is_contiguous(), names[i], " must be contiguous");
+  }
+  check_same_device(w.w_in, hidden, "w_in");
+  return r;
+}
+
+// Checks hidden [N, S, H] and mask [N, S] int64 for the exit head and compaction.
+inline void check_hidden_and_mask(const at::Tensor& hidden, const at::Tensor& mask) {
+  check_rank(hidden, 3, "hidden");
+  check_hidden_dtype(hidden);
+  TORCH_CHECK(hidden.is_contiguous(), "hidden must be contiguous");
+  check_rank(mask, 2, "mask");
+  check_dtype(mask, at::kLong, "mask");
+  check_shape(mask, {hidden.size(0), hidden.size(1)}, "mask");
+  check_same_device(mask, hidden, "mask");
+  TORCH_CHECK(mask.is_contiguous(), "mask must be contiguous");
+}
+
+inline void check_rows_and_keep(const at::Tensor& hidden, const at::Tensor& rows, const at::Tensor& keep) {
+  const int64_t n = hidden.size(0);
+  check_dtype(rows, at::kLong, "rows");
+  check_shape(rows, {n}, "rows");
+  check_same_device(rows, hidden, "rows");
+  TORCH_CHECK(rows.is_contiguous(), "rows must be contiguous");
+  check_dtype(keep, at::kBool, "keep");
+  check_shape(keep, {n}, "keep");
+  check_same_device(keep, hidden, "keep");
+  TORCH_CHECK(keep.is_contiguous(), "keep must be contiguous");
+}
+
+}  // namespace fastbert

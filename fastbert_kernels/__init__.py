@@ -1,0 +1,42 @@
+"""fastbert_kernels: batched FastBERT early exit for Hugging Face BERT-family classifiers.
+
+    import fastbert_kernels as fbk
+    model = fbk.patch(AutoModelForSequenceClassification.from_pretrained(path))
+    fbk.distill(model, unlabelled_texts, tokenizer)
+    out = model(**batch, speed=0.5)          # out.logits [B, C], out.exit_layer [B], out.uncertainty [B]
+    model.save_pretrained(d); model = fbk.from_pretrained(d)
+
+Importing never fails for a missing compiled build: the ops fall back to plain torch, and
+``python -m fastbert_kernels env`` says what each device will use.
+"""
+
+from __future__ import annotations
+
+from . import ops
+from .architectures import ARCHITECTURES
+from .branch import BranchClassifier
+from .config import FastBertConfig
+from .modeling import FastBertOutput, fastbert_config, is_patched, patch, students, unpatch
+from .serialization import from_pretrained
+from .training import TrainHistory, distill, fine_tune, student_kl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES",
+    "BranchClassifier",
+    "FastBertConfig",
+    "FastBertOutput",
+    "TrainHistory",
+    "__version__",
+    "distill",
+    "fastbert_config",
+    "fine_tune",
+    "from_pretrained",
+    "is_patched",
+    "ops",
+    "patch",
+    "student_kl",
+    "students",
+    "unpatch",
+]

@@ -1,0 +1,84 @@
+"""FastBERT settings attached to a patched model and saved beside its checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+TeacherKind = Literal["model", "branch"]
+
+CONFIG_FILE = "fastbert_config.json"
+BRANCHES_FILE = "fastbert_branches.safetensors"
+FORMAT_VERSION = 1
+
+
+def check_speed(speed: float) -> float:
+    """Return ``speed`` as a float, or raise ``ValueError`` if it is not a number in [0, 1]."""
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
+        raise TypeError(f"speed must be a float in [0, 1], got {type(speed).__name__}")
+    speed = float(speed)
+    if math.isnan(speed) or not 0.0 <= speed <= 1.0:
+        raise ValueError(f"speed must be in [0, 1], got {speed}")
+    return speed
+
+
+@dataclasses.dataclass
+class FastBertConfig:
+    """Shape of the branches and how the patched model uses them.
+
+    Attributes:
+        branch_size: width of every branch (the paper: 128).
+        branch_heads: attention heads of the branch self-attention (the paper: 2 of 64).
+        teacher: ``"model"`` keeps the model's own classification head as the teacher (drop-in on a
+            fine-tuned checkpoint, students after layers 1..L-1); ``"branch"`` adds the paper's branch
+            after the last layer too and uses it as the teacher.
+        default_speed: speed used when a call passes none.
+        trim_sequence: after each compaction, cut the sequence axis to the longest survivor.
+    """
+
+    branch_size: int = 128
+    branch_heads: int = 2
+    teacher: TeacherKind = "model"
+    default_speed: float = 0.0
+    trim_sequence: bool = True
+
+    def __post_init__(self) -> None:
+        if self.teacher not in ("model", "branch"):
+            raise ValueError(f"teacher must be 'model' or 'branch', got {self.teacher!r}")
+        if self.branch_size <= 0 or self.branch_heads <= 0 or self.branch_size % self.branch_heads:
+            raise ValueError(
+                f"branch_size ({self.branch_size}) must be a positive multiple of branch_heads "
+                f"({self.branch_heads})"
+            )
+        self.default_speed = check_speed(self.default_speed)
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FastBertConfig:
+        path = Path(directory) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{directory} holds no {CONFIG_FILE}: it is not a FastBERT checkpoint "
+                "(save one with model.save_pretrained after fastbert_kernels.patch)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path} has format_version {version}, this package reads {FORMAT_VERSION}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"{path} has unknown keys {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,112 @@
+"""Walking a Hugging Face encoder layer by layer: input checks, embeddings, masks, one layer.
+
+Shared by the adaptive forward, training, evaluation and the benchmarks, so that every path
+builds inputs and masks the same way the unpatched model does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from .architectures import Architecture
+
+
+@dataclasses.dataclass
+class EncoderInputs:
+    """Embedded inputs ready for layer 1: hidden ``[B, S, H]`` and mask ``[B, S]`` int64 (1 = token)."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def normalize_attention_mask(
+    attention_mask: torch.Tensor | None, shape: torch.Size, device: torch.device
+) -> torch.Tensor:
+    """0/1 int64 ``[B, S]`` mask from whatever the user passed (None means every token is real)."""
+    if attention_mask is None:
+        return torch.ones(shape, dtype=torch.int64, device=device)
+    if attention_mask.shape != shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs are {tuple(shape)}"
+        )
+    if attention_mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must be integer, bool or float, got {attention_mask.dtype}")
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
+    return (attention_mask != 0).to(torch.int64)
+
+
+def embed(
+    model: nn.Module,
+    arch: Architecture,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> EncoderInputs:
+    """Checks the inputs the way a user needs to hear about them, then runs the embeddings."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    device = model_device(model)
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        shape, source = input_ids.shape, input_ids
+    else:
+        if inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must be [batch, sequence, hidden], got {tuple(inputs_embeds.shape)}")
+        shape, source = inputs_embeds.shape[:2], inputs_embeds
+    if source.device != device:
+        raise ValueError(f"inputs are on {source.device} but the model is on {device}; move them with .to({device})")
+    if shape[0] == 0:
+        raise ValueError("empty batch: inputs have 0 rows")
+    if shape[1] == 0:
+        raise ValueError("empty sequences: inputs have 0 tokens")
+    limit = arch.max_length(model.config)
+    if shape[1] > limit:
+        raise ValueError(f"sequence length {shape[1]} exceeds the model's position limit {limit}; truncate the inputs")
+    for name, extra in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        if extra is not None and (extra.shape != shape or extra.device != device):
+            raise ValueError(f"{name} must be {tuple(shape)} on {device}, got {tuple(extra.shape)} on {extra.device}")
+    mask = normalize_attention_mask(attention_mask, shape, device)
+    empty_rows = (mask.sum(dim=1) == 0).nonzero().flatten()
+    if empty_rows.numel():
+        raise ValueError(f"attention_mask rows {empty_rows.tolist()[:10]} have no tokens; every sample needs one")
+    hidden = arch.base_model(model).embeddings(
+        input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+    )
+    return EncoderInputs(hidden, mask)
+
+
+def layer_mask(config, hidden: torch.Tensor, mask: torch.Tensor):
+    """The mask the layers expect for the configured attention backend, built by transformers itself
+    (sdpa: bool ``[B,1,S,S]`` or None; eager: additive float). A bool mask under eager is silently
+    wrong, so it is never built by hand; rebuild after every compaction."""
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
+    out = layer(hidden, attention)
+    # transformers 5 returns the tensor; 4.x returned a tuple.
+    return out[0] if isinstance(out, tuple) else out
+
+
+def all_layer_states(model: nn.Module, arch: Architecture, inputs: EncoderInputs) -> list[torch.Tensor]:
+    """Hidden states after every layer ``[L]`` x ``[B, S, H]``, with no exits (training, evaluation)."""
+    hidden, states = inputs.hidden, []
+    attention = layer_mask(model.config, hidden, inputs.mask)
+    for layer in arch.layers(model):
+        hidden = run_layer(layer, hidden, attention)
+        states.append(hidden)
+    return states

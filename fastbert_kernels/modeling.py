@@ -1,0 +1,195 @@
+"""Patching a Hugging Face classifier in place with FastBERT's batched adaptive forward.
+
+The adaptive forward, per layer i = 1..L-1 (only while rows survive):
+
+    hidden = layer_i(hidden, mask)                       # the surviving rows only
+    logits, u, exits = exit_head(hidden, mask, branch_i, speed)
+    out[rows[exits]] = logits[exits]; exit_layer = i     # written straight to input positions
+    hidden, mask, rows = compact(hidden, mask, rows, ~exits, trim)
+
+then the teacher answers for whoever is left after layer L. ``rows`` maps each surviving row to
+its input position, so every input row gets exactly one output row, in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from . import ops
+from .architectures import Architecture, architecture_for
+from .branch import BranchClassifier
+from .config import FastBertConfig, check_speed
+from .encoder import embed, layer_mask, run_layer
+from .ops.reference import normalized_entropy
+
+BRANCHES_ATTR = "fastbert_branches"
+CONFIG_ATTR = "fastbert_config"
+
+
+@dataclasses.dataclass
+class FastBertOutput(ModelOutput):
+    """Output of a patched model.
+
+    Attributes:
+        loss: cross-entropy of ``logits`` against ``labels`` when labels were given.
+        logits: ``[B, C]`` float32, in input order: the exiting student's or the teacher's.
+        exit_layer: ``[B]`` int64, 1-based layer after which the sample left; L means the teacher.
+        uncertainty: ``[B]`` float32, normalised entropy of the answering classifier.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    exit_layer: torch.Tensor | None = None
+    uncertainty: torch.Tensor | None = None
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(model, BRANCHES_ATTR, None), nn.ModuleList) and hasattr(model, CONFIG_ATTR)
+
+
+def branches(model: nn.Module) -> nn.ModuleList:
+    if not is_patched(model):
+        raise ValueError(f"{type(model).__name__} is not patched; call fastbert_kernels.patch(model) first")
+    return getattr(model, BRANCHES_ATTR)
+
+
+def fastbert_config(model: nn.Module) -> FastBertConfig:
+    branches(model)  # raises when unpatched
+    return getattr(model, CONFIG_ATTR)
+
+
+def students(model: nn.Module) -> list[BranchClassifier]:
+    """The student branches, after layers 1..L-1 (in 'branch' teacher mode the last is the teacher)."""
+    num_layers = len(architecture_for(model).layers(model))
+    return list(branches(model))[: num_layers - 1]
+
+
+def teacher_logits(model: nn.Module, arch: Architecture, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits on the last layer's output ``[N, S, H]`` -> ``[N, C]``."""
+    if fastbert_config(model).teacher == "branch":
+        return branches(model)[-1](hidden, mask)
+    return arch.head(model, hidden)
+
+
+def adaptive_forward(
+    self: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    speed: float | None = None,
+    return_dict: bool | None = None,
+    **kwargs,
+) -> FastBertOutput | tuple:
+    """Batched FastBERT inference; the patched model's ``forward``. ``speed`` defaults to the
+    model's ``fastbert_config.default_speed``; speed 0 computes no branch and equals the unpatched
+    model. Shapes: inputs ``[B, S]``; outputs as in :class:`FastBertOutput`."""
+    config = fastbert_config(self)
+    speed = check_speed(config.default_speed if speed is None else speed)
+    for flag in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(flag, False):
+            raise NotImplementedError(f"{flag} is not available from the adaptive forward (samples leave early)")
+    kwargs.pop("use_cache", None)
+    if kwargs:
+        raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+    if speed > 0 and self.training and torch.is_grad_enabled():
+        raise RuntimeError(
+            "early exit is for inference: call model.eval(), or train with speed=0 "
+            "(fastbert_kernels.fine_tune / distill do this for you)"
+        )
+    arch = architecture_for(self)
+    layers = arch.layers(self)
+    num_layers = len(layers)
+    inputs = embed(self, arch, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+    hidden, mask = inputs.hidden, inputs.mask
+    batch = hidden.shape[0]
+    device = hidden.device
+    rows = torch.arange(batch, device=device)
+    out_logits = torch.empty(batch, self.config.num_labels, dtype=torch.float32, device=device)
+    out_uncertainty = torch.empty(batch, dtype=torch.float32, device=device)
+    out_layer = torch.full((batch,), num_layers, dtype=torch.int64, device=device)
+    student_branches = branches(self)
+    heads = config.branch_heads
+
+    attention = layer_mask(self.config, hidden, mask)
+    for index, layer in enumerate(layers):
+        hidden = run_layer(layer, hidden, attention)
+        if index == num_layers - 1 or speed == 0.0:
+            continue
+        logits, uncertainty, exits = ops.exit_head(hidden, mask, student_branches[index].weights(), heads, speed)
+        # Written without a host sync: rows that stay keep their (unwritten) old values.
+        keep_old = ~exits
+        out_logits[rows] = torch.where(exits[:, None], logits, out_logits[rows])
+        out_uncertainty[rows] = torch.where(exits, uncertainty, out_uncertainty[rows])
+        out_layer[rows] = torch.where(exits, index + 1, out_layer[rows])
+        hidden, mask, rows = ops.compact(hidden, mask, rows, keep_old, config.trim_sequence)
+        if rows.shape[0] == 0:
+            break
+        attention = layer_mask(self.config, hidden, mask)
+
+    if rows.shape[0]:
+        final = teacher_logits(self, arch, hidden, mask)
+        out_logits[rows] = final.to(torch.float32)
+        out_uncertainty[rows] = normalized_entropy(final)
+    loss = None
+    if labels is not None:
+        loss = nn.functional.cross_entropy(out_logits, labels.to(device))
+    output = FastBertOutput(loss=loss, logits=out_logits, exit_layer=out_layer, uncertainty=out_uncertainty)
+    use_dict = self.config.return_dict if return_dict is None else return_dict
+    return output if use_dict else output.to_tuple()
+
+
+def patch(model: nn.Module, config: FastBertConfig | None = None, **options) -> nn.Module:
+    """Adds FastBERT branches to a ``...ForSequenceClassification`` model, in place, and returns it.
+
+    Args:
+        model: a supported Hugging Face classifier (``bert``, ``roberta``, ``xlm-roberta``).
+        config: a :class:`FastBertConfig`; or pass its fields as keyword options, e.g.
+            ``patch(model, teacher="branch", default_speed=0.3)``.
+    The model's own weights are untouched; :func:`unpatch` removes everything this adds.
+    New branches are initialised as BERT initialises its weights; distil them before use.
+    """
+    if is_patched(model):
+        raise ValueError(f"{type(model).__name__} is already patched; call fastbert_kernels.unpatch(model) first")
+    if config is not None and options:
+        raise TypeError("pass either a FastBertConfig or keyword options, not both")
+    config = config or FastBertConfig(**options)
+    arch = architecture_for(model)
+    num_layers = len(arch.layers(model))
+    if num_layers < 2 and config.teacher == "model":
+        raise ValueError("a 1-layer model has no room for students; use teacher='branch' or a deeper model")
+    reference = next(model.parameters())
+    count = num_layers - 1 if config.teacher == "model" else num_layers
+    new_branches = nn.ModuleList(
+        BranchClassifier(model.config.hidden_size, model.config.num_labels, config.branch_size, config.branch_heads)
+        for _ in range(count)
+    )
+    for branch in new_branches:
+        branch.reset_parameters(getattr(model.config, "initializer_range", 0.02))
+    new_branches.to(device=reference.device, dtype=reference.dtype)
+    new_branches.train(model.training)
+    model.add_module(BRANCHES_ATTR, new_branches)
+    setattr(model, CONFIG_ATTR, config)
+    # Instance attributes shadow the class's methods; deleting them restores the originals.
+    from .serialization import save_pretrained_with_branches
+
+    model.forward = types.MethodType(adaptive_forward, model)
+    model.save_pretrained = types.MethodType(save_pretrained_with_branches, model)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Removes what :func:`patch` added; the model then behaves exactly as before patching."""
+    branches(model)  # raises when unpatched
+    delattr(model, BRANCHES_ATTR)
+    delattr(model, CONFIG_ATTR)
+    for name in ("forward", "save_pretrained"):
+        model.__dict__.pop(name, None)
+    return model

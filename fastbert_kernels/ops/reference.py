@@ -1,0 +1,111 @@
+"""Plain-torch reference of every op: the executable specification.
+
+Tests and benchmarks compare every compiled backend with these functions, and the package falls
+back to them when nothing is compiled. They follow the paper's arithmetic literally (K and V for
+every token, Q for the CLS token only), in fp32, so that the kernels' algebraic shortcuts are
+checked against the plain formula rather than against themselves.
+
+Notation: N rows (surviving samples), S tokens, H backbone width, R branch width, C classes,
+h = R / num_heads the width of one head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .types import BranchWeights
+
+
+def branch_logits(
+    hidden: torch.Tensor, mask: torch.Tensor, weights: BranchWeights, num_heads: int
+) -> torch.Tensor:
+    """FastBERT branch classifier, differentiable.
+
+    z = tanh(W_in x + b_in)                                  per token, [N, S, R]
+    q = W_q z_0 + b_q;  k_s = W_k z_s + b_k;  v_s = W_v z_s + b_v   (q for the CLS token only)
+    a = softmax_s(q_j . k_{s,j} / sqrt(h) over unmasked s)       per head j
+    c = W_o concat_j(sum_s a_s v_{s,j}) + b_o
+    logits = W_cls tanh(W_pool c + b_pool) + b_cls
+
+    Args:
+        hidden: ``[N, S, H]`` layer output, any float dtype.
+        mask: ``[N, S]``, nonzero where the token is real; every row needs one.
+        weights: the branch's parameters (see :class:`BranchWeights`).
+        num_heads: heads of the branch attention.
+    Returns:
+        ``[N, C]`` float32 logits.
+    """
+    n, s, _ = hidden.shape
+    w = weights.float()
+    r = w.b_in.shape[0]
+    head = r // num_heads
+    z = torch.tanh(F.linear(hidden.float(), w.w_in, w.b_in))
+    wq, wk, wv = w.w_qkv.split(r)
+    bq, bk, bv = w.b_qkv.split(r)
+    q = F.linear(z[:, 0], wq, bq).view(n, num_heads, head)
+    k = F.linear(z, wk, bk).view(n, s, num_heads, head)
+    v = F.linear(z, wv, bv).view(n, s, num_heads, head)
+    scores = torch.einsum("njd,nsjd->njs", q, k) / math.sqrt(head)
+    scores = scores.masked_fill((mask == 0)[:, None, :], float("-inf"))
+    attention = torch.softmax(scores, dim=-1)
+    context = torch.einsum("njs,nsjd->njd", attention, v).reshape(n, r)
+    out = F.linear(context, w.w_out, w.b_out)
+    pooled = torch.tanh(F.linear(out, w.w_pool, w.b_pool))
+    return F.linear(pooled, w.w_cls, w.b_cls)
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """u = -sum_c p_c log p_c / log C with p = softmax(logits); ``[N, C]`` -> ``[N]`` float32 in [0, 1]."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1) / math.log(logits.shape[-1])
+
+
+def exit_head(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    weights: BranchWeights,
+    num_heads: int,
+    speed: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Branch + softmax + normalised entropy + exit decision.
+
+    Returns:
+        logits ``[N, C]`` float32, uncertainty ``[N]`` float32, exits ``[N]`` bool (``u < speed``).
+    """
+    logits = branch_logits(hidden, mask, weights, num_heads)
+    uncertainty = normalized_entropy(logits)
+    return logits, uncertainty, uncertainty < speed
+
+
+def trimmed_length(mask: torch.Tensor) -> int:
+    """Index after the last column of ``mask [N, S]`` that any row uses (0 for no rows)."""
+    if mask.shape[0] == 0 or mask.shape[1] == 0:
+        return 0
+    columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return int(((mask != 0) * columns).amax())
+
+
+def compact(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    keep: torch.Tensor,
+    trim: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather the kept rows of every per-sample tensor, in order; optionally trim the sequence axis.
+
+    Args:
+        hidden: ``[N, S, H]``; mask: ``[N, S]`` int64; rows: ``[N]`` int64 original row indices;
+        keep: ``[N]`` bool, True for survivors; trim: cut S to :func:`trimmed_length` of the kept mask.
+    Returns:
+        ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]`` with M = keep.sum(), all contiguous.
+    """
+    index = keep.nonzero().squeeze(1)
+    hidden, mask, rows = hidden.index_select(0, index), mask.index_select(0, index), rows.index_select(0, index)
+    if trim:
+        length = trimmed_length(mask)
+        hidden, mask = hidden[:, :length].contiguous(), mask[:, :length].contiguous()
+    return hidden, mask, rows

@@ -1,0 +1,183 @@
+"""Triton kernels of the exit head and of compaction (CUDA tensors; CPU under TRITON_INTERPRET=1).
+
+Exit head, after the vendor GEMM ``a = x W_in^T`` (``[N, S, R]``, hidden's dtype):
+  1. ``_cls_query_kernel``     q'_j = W_qk,j tanh(a_0 + b_in) + b_qk,j           grid (N, QK / BLOCK_O)
+  2. ``_cls_attention_kernel`` zbar_j = softmax_s(z_s . q'_j) z_s, online over S   grid (N, heads)
+  3. ``_exit_tail_kernel``     out = W_ov zbar + b_ov; logits = W_cls tanh(W_pool out + b_pool) + b_cls;
+                               softmax, normalised entropy, exit decision         grid (N / BLOCK_N)
+Compaction: ``_compact_plan_kernel`` (one program: ordered prefix sum of the keep flags, longest
+kept row), then ``_compact_gather_kernel`` (one program per kept row and chunk: plain copies).
+
+Every load is cast to float32 before arithmetic: the interpreter's bf16 arithmetic and tl.exp/
+tl.log need it, and the kernels accumulate in float32 anyway. ``tl.dot`` runs with
+``input_precision="ieee"`` so that float32 products are not rounded to tf32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp, in float32; sign-split so the exponent never overflows.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _cls_query_kernel(
+    a_ptr, b_in_ptr, w_qk_ptr, b_qk_ptr, q_ptr,
+    S, R, QK,
+    BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    k = tl.arange(0, BLOCK_R)
+    k_ok = k < R
+    a0 = tl.load(a_ptr + row * S * R + k, mask=k_ok, other=0.0).to(tl.float32)
+    b_in = tl.load(b_in_ptr + k, mask=k_ok, other=0.0)
+    z0 = tl.where(k_ok, _tanh(a0 + b_in), 0.0)
+    o = block * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < QK
+    w = tl.load(w_qk_ptr + o[:, None] * R + k[None, :], mask=o_ok[:, None] & k_ok[None, :], other=0.0)
+    q = tl.sum(w * z0[None, :], axis=1) + tl.load(b_qk_ptr + o, mask=o_ok, other=0.0)
+    tl.store(q_ptr + row * QK + o, q, mask=o_ok)
+
+
+@triton.jit
+def _cls_attention_kernel(
+    a_ptr, mask_ptr, b_in_ptr, q_ptr, zbar_ptr,
+    S, R, QK,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    k = tl.arange(0, BLOCK_R)
+    k_ok = k < R
+    b_in = tl.load(b_in_ptr + k, mask=k_ok, other=0.0)
+    q = tl.load(q_ptr + row * QK + head * R + k, mask=k_ok, other=0.0)
+    running_max = tl.full([], float("-inf"), tl.float32)
+    denominator = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start in range(0, S, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        s_ok = s < S
+        valid = tl.load(mask_ptr + row * S + s, mask=s_ok, other=0) != 0
+        a = tl.load(
+            a_ptr + (row * S + s)[:, None] * R + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0
+        ).to(tl.float32)
+        z = tl.where(k_ok[None, :], _tanh(a + b_in[None, :]), 0.0)
+        score = tl.where(valid, tl.sum(z * q[None, :], axis=1), float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(score, axis=0))
+        # A block with no valid token keeps new_max = -inf; shift by 0 then, so no inf - inf.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        old_scale = tl.exp(running_max - shift)
+        p = tl.exp(score - shift)
+        denominator = denominator * old_scale + tl.sum(p, axis=0)
+        acc = acc * old_scale + tl.sum(p[:, None] * z, axis=0)
+        running_max = new_max
+    tl.store(zbar_ptr + row * QK + head * R + k, acc / denominator, mask=k_ok)
+
+
+@triton.jit
+def _exit_tail_kernel(
+    zbar_ptr, w_ov_ptr, b_ov_ptr, w_pool_ptr, b_pool_ptr, w_cls_ptr, b_cls_ptr,
+    logits_ptr, uncertainty_ptr, exits_ptr,
+    N, R, QK, C, log_classes, speed,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_ok = rows < N
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    # out = zbar W_ov^T + b_ov, K-chunked over the heads * R inputs.
+    out = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    for start in range(0, QK, BLOCK_K):
+        kk = start + tl.arange(0, BLOCK_K)
+        kk_ok = kk < QK
+        x = tl.load(zbar_ptr + rows[:, None] * QK + kk[None, :], mask=rows_ok[:, None] & kk_ok[None, :], other=0.0)
+        w = tl.load(w_ov_ptr + r[None, :] * QK + kk[:, None], mask=r_ok[None, :] & kk_ok[:, None], other=0.0)
+        out += tl.dot(x, w, input_precision="ieee")
+    out = tl.where(r_ok[None, :], out + tl.load(b_ov_ptr + r, mask=r_ok, other=0.0)[None, :], 0.0)
+    # logits = tanh(out W_pool^T + b_pool) W_cls^T + b_cls: each chunk of pooled features feeds
+    # the classifier's K dimension directly, so the pooled vector is never assembled.
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    logits = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for start in range(0, R, BLOCK_K):
+        pp = start + tl.arange(0, BLOCK_K)
+        pp_ok = pp < R
+        wp = tl.load(w_pool_ptr + pp[None, :] * R + r[:, None], mask=r_ok[:, None] & pp_ok[None, :], other=0.0)
+        bp = tl.load(b_pool_ptr + pp, mask=pp_ok, other=0.0)
+        pooled = tl.where(pp_ok[None, :], _tanh(tl.dot(out, wp, input_precision="ieee") + bp[None, :]), 0.0)
+        wc = tl.load(w_cls_ptr + c[None, :] * R + pp[:, None], mask=pp_ok[:, None] & c_ok[None, :], other=0.0)
+        logits += tl.dot(pooled, wc, input_precision="ieee")
+    logits += tl.load(b_cls_ptr + c, mask=c_ok, other=0.0)[None, :]
+    # Softmax, normalised entropy and the decision, over the C real classes.
+    masked = tl.where(c_ok[None, :], logits, float("-inf"))
+    top = tl.max(masked, axis=1)
+    total = tl.sum(tl.where(c_ok[None, :], tl.exp(masked - top[:, None]), 0.0), axis=1)
+    # Padding classes get log_p = 0 (not -inf) so that exp(log_p) * log_p never forms 0 * inf.
+    log_p = tl.where(c_ok[None, :], logits - top[:, None] - tl.log(total)[:, None], 0.0)
+    entropy = -tl.sum(tl.where(c_ok[None, :], tl.exp(log_p) * log_p, 0.0), axis=1)
+    uncertainty = entropy / log_classes
+    tl.store(logits_ptr + rows[:, None] * C + c[None, :], logits, mask=rows_ok[:, None] & c_ok[None, :])
+    tl.store(uncertainty_ptr + rows, uncertainty, mask=rows_ok)
+    tl.store(exits_ptr + rows, (uncertainty < speed).to(tl.int8), mask=rows_ok)
+
+
+@triton.jit
+def _compact_plan_kernel(
+    keep_ptr, mask_ptr, index_ptr, stats_ptr,
+    N, S,
+    TRIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    count = tl.full([], 0, tl.int64)
+    longest = tl.full([], 0, tl.int64)
+    for start in range(0, N, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        keep = tl.load(keep_ptr + n, mask=n_ok, other=0).to(tl.int64)
+        position = count + tl.cumsum(keep, axis=0) - 1
+        tl.store(index_ptr + position, n.to(tl.int64), mask=n_ok & (keep != 0))
+        count += tl.sum(keep, axis=0)
+        if TRIM:
+            length = tl.zeros([BLOCK_N], dtype=tl.int64)
+            for s_start in range(0, S, BLOCK_S):
+                s = s_start + tl.arange(0, BLOCK_S)
+                m = tl.load(
+                    mask_ptr + n[:, None].to(tl.int64) * S + s[None, :], mask=n_ok[:, None] & (s < S)[None, :], other=0
+                )
+                used = tl.where(m != 0, s[None, :].to(tl.int64) + 1, 0)
+                length = tl.maximum(length, tl.max(used, axis=1))
+            longest = tl.maximum(longest, tl.max(tl.where(keep != 0, length, 0), axis=0))
+    tl.store(stats_ptr, count)
+    if TRIM:
+        tl.store(stats_ptr + 1, longest)
+    else:
+        tl.store(stats_ptr + 1, tl.where(count > 0, S, 0).to(tl.int64))
+
+
+@triton.jit
+def _compact_gather_kernel(
+    hidden_ptr, mask_ptr, rows_ptr, index_ptr, hidden_out_ptr, mask_out_ptr, rows_out_ptr,
+    S, H, LENGTH,
+    BLOCK: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    i = tl.load(index_ptr + k)
+    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
+    row_elements = LENGTH * H
+    ok = offsets < row_elements
+    values = tl.load(hidden_ptr + i * S * H + offsets, mask=ok)
+    tl.store(hidden_out_ptr + k * row_elements + offsets, values, mask=ok)
+    if chunk == 0:
+        for start in range(0, LENGTH, BLOCK):
+            t = start + tl.arange(0, BLOCK)
+            t_ok = t < LENGTH
+            tl.store(mask_out_ptr + k * LENGTH + t, tl.load(mask_ptr + i * S + t, mask=t_ok), mask=t_ok)
+        tl.store(rows_out_ptr + k, tl.load(rows_ptr + i))

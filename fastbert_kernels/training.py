@@ -1,0 +1,318 @@
+"""Training: fine-tuning the teacher, and self-distillation of the students.
+
+Self-distillation (FASTBERT.md): backbone and teacher frozen; every student i learns the teacher's
+distribution on unlabelled text,  loss = sum_i KL(p_teacher || p_student_i)  (the authors' code's
+direction). The learning-rate schedule is linear warm-up then linear decay to zero over *this*
+run's own step count (the authors' code reused the fine-tuning step count, so the rate hit zero early).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import architecture_for
+from .encoder import EncoderInputs, all_layer_states, embed, model_device
+from .modeling import branches, fastbert_config, is_patched, students, teacher_logits
+
+Batch = dict[str, torch.Tensor]
+CHECKPOINT_FILE = "distill_state.pt"
+
+
+@dataclasses.dataclass
+class TrainHistory:
+    """Per optimiser step: the loss and the learning rate used."""
+
+    loss: list[float] = dataclasses.field(default_factory=list)
+    lr: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up over ``warmup_ratio * total_steps`` steps, then linear decay to 0 at ``total_steps``."""
+    warmup = max(1, round(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _text_batches(
+    texts: Sequence[str], labels: Sequence[int] | None, tokenizer, batch_size: int, max_length: int, order: list[int]
+) -> Iterator[Batch]:
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = dict(
+            tokenizer(
+                [texts[i] for i in chosen], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+        )
+        if labels is not None:
+            batch["labels"] = torch.tensor([labels[i] for i in chosen], dtype=torch.int64)
+        yield batch
+
+
+class BatchSource:
+    """Batches for one epoch at a time: from texts (tokenised here, shuffled with a seeded order) or
+    from an iterable of tokenised batches such as a DataLoader (used as it comes)."""
+
+    def __init__(
+        self,
+        data: Sequence[str] | Iterable[Batch],
+        tokenizer=None,
+        labels: Sequence[int] | None = None,
+        batch_size: int = 32,
+        max_length: int = 128,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.is_text = isinstance(data, Sequence) and len(data) > 0 and isinstance(data[0], str)
+        if isinstance(data, Sequence) and len(data) == 0:
+            raise ValueError("no training data: the sequence is empty")
+        if self.is_text and tokenizer is None:
+            raise ValueError("texts need a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...)")
+        if labels is not None and self.is_text and len(labels) != len(data):
+            raise ValueError(f"{len(data)} texts but {len(labels)} labels")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.data, self.tokenizer, self.labels = data, tokenizer, labels
+        self.batch_size, self.max_length, self.shuffle, self.seed = batch_size, max_length, shuffle, seed
+
+    def __len__(self) -> int:
+        if self.is_text:
+            return math.ceil(len(self.data) / self.batch_size)
+        if not hasattr(self.data, "__len__"):
+            raise TypeError("the batch iterable has no len(); pass a DataLoader or a list of batches")
+        return len(self.data)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if not self.is_text:
+            yield from self.data
+            return
+        order = list(range(len(self.data)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        yield from _text_batches(self.data, self.labels, self.tokenizer, self.batch_size, self.max_length, order)
+
+
+def _encode(model: nn.Module, batch: Batch) -> EncoderInputs:
+    device = model_device(model)
+    arch = architecture_for(model)
+    get = lambda key: batch[key].to(device) if batch.get(key) is not None else None  # noqa: E731
+    return embed(model, arch, get("input_ids"), get("attention_mask"), get("token_type_ids"))
+
+
+def _distillation_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    arch = architecture_for(model)
+    with torch.no_grad():
+        inputs = _encode(model, batch)
+        states = all_layer_states(model, arch, inputs)
+        log_teacher = torch.log_softmax(teacher_logits(model, arch, states[-1], inputs.mask).float(), dim=-1)
+    losses = [
+        F.kl_div(torch.log_softmax(student(states[i], inputs.mask), dim=-1), log_teacher, log_target=True,
+                 reduction="batchmean")
+        for i, student in enumerate(students(model))
+    ]
+    return torch.stack(losses).sum()
+
+
+@torch.no_grad()
+def student_kl(model: nn.Module, data, tokenizer=None, batch_size: int = 64, max_length: int = 128) -> torch.Tensor:
+    """Mean KL(p_teacher || p_student_i) per student on ``data`` (texts or batches): ``[L-1]``."""
+    was_training = model.training
+    model.eval()
+    arch = architecture_for(model)
+    source = BatchSource(data, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=False)
+    total, count = None, 0
+    for batch in source.epoch(0):
+        inputs = _encode(model, batch)
+        states = all_layer_states(model, arch, inputs)
+        log_teacher = torch.log_softmax(teacher_logits(model, arch, states[-1], inputs.mask).float(), dim=-1)
+        per_student = torch.stack([
+            F.kl_div(torch.log_softmax(s(states[i], inputs.mask), dim=-1), log_teacher, log_target=True,
+                     reduction="sum")
+            for i, s in enumerate(students(model))
+        ])
+        total = per_student if total is None else total + per_student
+        count += inputs.hidden.shape[0]
+    model.train(was_training)
+    return total / count
+
+
+def _run(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    source: BatchSource,
+    loss_fn,
+    *,
+    epochs: int,
+    lr: float,
+    warmup_ratio: float,
+    weight_decay: float,
+    train_mode: bool,
+    progress: bool,
+    desc: str,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    max_steps: int | None = None,
+) -> TrainHistory:
+    """One optimiser loop (AdamW + linear schedule), resumable from ``checkpoint_dir``."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    steps_per_epoch = len(source)
+    total = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = linear_schedule(optimizer, total, warmup_ratio)
+    history, step = TrainHistory(), 0
+    state_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        if state["total"] != total or len(state["params"]) != len(params):
+            raise ValueError(f"{state_path} belongs to a different run (steps or parameters differ); remove it")
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, step = state["history"], state["step"]
+
+    def save() -> None:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"total": total, "step": step, "params": [p.detach().clone() for p in params],
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history},
+                   state_path)
+
+    was_training = model.training
+    model.train(train_mode)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, unit="step")
+    try:
+        for epoch in range(step // steps_per_epoch, epochs):
+            for position, batch in enumerate(source.epoch(epoch)):
+                if epoch * steps_per_epoch + position < step:
+                    continue  # consumed before the checkpoint this run resumed from
+                if max_steps is not None and step >= max_steps:
+                    return history
+                loss = loss_fn(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                history.lr.append(scheduler.get_last_lr()[0])
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                history.loss.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{history.loss[-1]:.4f}")
+                if state_path is not None and step % checkpoint_every == 0:
+                    save()
+    finally:
+        bar.close()
+        model.train(was_training)
+        if state_path is not None and step > 0:
+            save()
+    return history
+
+
+def distill(
+    model: nn.Module,
+    data: Sequence[str] | Iterable[Batch],
+    tokenizer=None,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 2e-4,
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    max_length: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    max_steps: int | None = None,
+) -> TrainHistory:
+    """Self-distillation of every student from the teacher; backbone and teacher stay bit-identical.
+
+    Args:
+        model: a patched model (:func:`fastbert_kernels.patch`).
+        data: unlabelled texts (with ``tokenizer``) or an iterable/DataLoader of tokenised batches
+            (dicts with ``input_ids``, ``attention_mask``, optionally ``token_type_ids``).
+        lr: AdamW learning rate; the authors used 10x the fine-tuning rate (2e-5 -> 2e-4).
+        checkpoint_dir: save the run's state every ``checkpoint_every`` steps and resume from it;
+            an interrupted run resumed there ends with the same students as an uninterrupted one.
+        max_steps: stop after this many steps in total (for interrupting on purpose).
+    Returns:
+        the per-step loss and learning rate.
+    """
+    if not is_patched(model):
+        raise ValueError("distill needs a patched model: call fastbert_kernels.patch(model) first")
+    student_params = [p for s in students(model) for p in s.parameters()]
+    if not student_params:
+        raise ValueError("this model has no students to distil")
+    source = BatchSource(data, tokenizer, batch_size=batch_size, max_length=max_length, seed=seed)
+    torch.manual_seed(seed)
+    return _run(
+        model, student_params, source, lambda b: _distillation_loss(model, b), epochs=epochs, lr=lr,
+        warmup_ratio=warmup_ratio, weight_decay=weight_decay, train_mode=False, progress=progress,
+        desc="distilling students", checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        max_steps=max_steps,
+    )
+
+
+def fine_tune(
+    model: nn.Module,
+    texts: Sequence[str] | Iterable[Batch],
+    labels: Sequence[int] | None = None,
+    tokenizer=None,
+    *,
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = 2e-5,
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.01,
+    max_length: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> TrainHistory:
+    """Fine-tunes the backbone and the teacher with cross-entropy (the paper's step 1).
+
+    Works on an unpatched classifier, or a patched one (students untouched; with
+    ``teacher='branch'`` the paper's teacher branch is trained in place of the model's head).
+    Data: texts + labels (+ tokenizer), or batches that carry ``labels``.
+    """
+    frozen = {id(p) for s in students(model) for p in s.parameters()} if is_patched(model) else set()
+    if is_patched(model) and fastbert_config(model).teacher == "model":
+        frozen |= {id(p) for p in branches(model).parameters()}
+    params = [p for p in model.parameters() if id(p) not in frozen and p.requires_grad]
+    source = BatchSource(texts, tokenizer, labels, batch_size=batch_size, max_length=max_length, seed=seed)
+    arch = architecture_for(model)
+
+    def loss_fn(batch: Batch) -> torch.Tensor:
+        if "labels" not in batch:
+            raise ValueError("fine-tuning needs labels: pass labels=... or batches with a 'labels' key")
+        inputs = _encode(model, batch)
+        states = all_layer_states(model, arch, inputs)
+        logits = (
+            teacher_logits(model, arch, states[-1], inputs.mask) if is_patched(model)
+            else arch.head(model, states[-1])
+        )
+        return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
+
+    torch.manual_seed(seed)
+    return _run(
+        model, params, source, loss_fn, epochs=epochs, lr=lr, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, train_mode=True, progress=progress, desc="fine-tuning teacher", max_steps=max_steps,
+    )

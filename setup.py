@@ -1,0 +1,57 @@
+"""Builds fastbert_kernels._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA.
+
+Environment switches (as flash-attention does):
+  FASTBERT_SKIP_CUDA=1          build the CPU kernels only, even with a CUDA torch.
+  FASTBERT_CUDA_ARCH_LIST=80;90  compute capabilities for the CUDA build (default 80;90).
+  MAX_JOBS=N                    parallel compile jobs (torch's own switch).
+Build with `pip install --no-build-isolation -e .` so the torch already installed is used; an
+isolated build would pull a different (multi-GB CUDA) torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+CSRC = ROOT / "csrc"
+
+
+def extensions() -> list:
+    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "ops.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]]
+    # -fopenmp: without it at::parallel_for compiles to a serial loop.
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    include_dirs = [str(CSRC / "include")]
+    with_cuda = (
+        cpp_extension.CUDA_HOME is not None
+        and __import__("torch").version.cuda is not None
+        and os.environ.get("FASTBERT_SKIP_CUDA", "0") != "1"
+    )
+    if not with_cuda:
+        return [
+            cpp_extension.CppExtension(
+                "fastbert_kernels._C", sources, include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+            )
+        ]
+    archs = os.environ.get("FASTBERT_CUDA_ARCH_LIST", "80;90").split(";")
+    nvcc = ["-O3", "-std=c++17", "--use_fast_math", *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs)]
+    sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
+    sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cpp"))]
+    return [
+        cpp_extension.CUDAExtension(
+            "fastbert_kernels._C", sources, include_dirs=include_dirs,
+            define_macros=[("FASTBERT_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+setup(
+    packages=find_packages(include=["fastbert_kernels", "fastbert_kernels.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -33,8 +33,11 @@ def extensions() -> list:
     if not with_cuda:
         return [
             cpp_extension.CppExtension(
-                "fastbert_kernels._C", sources, include_dirs=include_dirs,
-                extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+                "fastbert_kernels._C",
+                sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx},
+                extra_link_args=["-fopenmp"],
             )
         ]
     archs = os.environ.get("FASTBERT_CUDA_ARCH_LIST", "80;90").split(";")
@@ -43,9 +46,12 @@ def extensions() -> list:
     sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cpp"))]
     return [
         cpp_extension.CUDAExtension(
-            "fastbert_kernels._C", sources, include_dirs=include_dirs,
+            "fastbert_kernels._C",
+            sources,
+            include_dirs=include_dirs,
             define_macros=[("FASTBERT_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
         )
     ]
 

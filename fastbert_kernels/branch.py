@@ -37,9 +37,16 @@ class BranchClassifier(nn.Module):
 
     def weights(self) -> BranchWeights:
         return BranchWeights(
-            self.input_proj.weight, self.input_proj.bias, self.qkv.weight, self.qkv.bias,
-            self.attn_out.weight, self.attn_out.bias, self.pool.weight, self.pool.bias,
-            self.classifier.weight, self.classifier.bias,
+            self.input_proj.weight,
+            self.input_proj.bias,
+            self.qkv.weight,
+            self.qkv.bias,
+            self.attn_out.weight,
+            self.attn_out.bias,
+            self.pool.weight,
+            self.pool.bias,
+            self.classifier.weight,
+            self.classifier.bias,
         )
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -50,8 +50,7 @@ class FastBertConfig:
             raise ValueError(f"teacher must be 'model' or 'branch', got {self.teacher!r}")
         if self.branch_size <= 0 or self.branch_heads <= 0 or self.branch_size % self.branch_heads:
             raise ValueError(
-                f"branch_size ({self.branch_size}) must be a positive multiple of branch_heads "
-                f"({self.branch_heads})"
+                f"branch_size ({self.branch_size}) must be a positive multiple of branch_heads ({self.branch_heads})"
             )
         self.default_speed = check_speed(self.default_speed)
 

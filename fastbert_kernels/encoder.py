@@ -34,9 +34,7 @@ def normalize_attention_mask(
     if attention_mask is None:
         return torch.ones(shape, dtype=torch.int64, device=device)
     if attention_mask.shape != shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs are {tuple(shape)}"
-        )
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs are {tuple(shape)}")
     if attention_mask.dtype.is_complex:
         raise TypeError(f"attention_mask must be integer, bool or float, got {attention_mask.dtype}")
     if attention_mask.device != device:

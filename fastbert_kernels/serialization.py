@@ -28,7 +28,9 @@ def save_pretrained_with_branches(self: nn.Module, save_directory: str | Path, *
     directory = Path(save_directory)
     fastbert_config(self).save(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in branches(self).state_dict().items()}
-    save_file(tensors, str(directory / BRANCHES_FILE), metadata={"format": "pt", "num_branches": str(len(branches(self)))})
+    save_file(
+        tensors, str(directory / BRANCHES_FILE), metadata={"format": "pt", "num_branches": str(len(branches(self)))}
+    )
 
 
 def load_branches(model: nn.Module, directory: str | Path) -> None:
@@ -48,7 +50,9 @@ def load_branches(model: nn.Module, directory: str | Path) -> None:
             f"{path} does not match this model's branches: missing {missing[:6]}, unexpected {unexpected[:6]} "
             "(a checkpoint saved from a model with another depth, class count or teacher mode?)"
         )
-    wrong = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in target.items() if tensors[k].shape != v.shape]
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in target.items() if tensors[k].shape != v.shape
+    ]
     if wrong:
         raise ValueError(f"{path} has branch tensors of the wrong shape: {wrong[:6]}")
     with torch.no_grad():

@@ -123,8 +123,12 @@ def _distillation_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         states = all_layer_states(model, arch, inputs)
         log_teacher = torch.log_softmax(teacher_logits(model, arch, states[-1], inputs.mask).float(), dim=-1)
     losses = [
-        F.kl_div(torch.log_softmax(student(states[i], inputs.mask), dim=-1), log_teacher, log_target=True,
-                 reduction="batchmean")
+        F.kl_div(
+            torch.log_softmax(student(states[i], inputs.mask), dim=-1),
+            log_teacher,
+            log_target=True,
+            reduction="batchmean",
+        )
         for i, student in enumerate(students(model))
     ]
     return torch.stack(losses).sum()
@@ -142,11 +146,14 @@ def student_kl(model: nn.Module, data, tokenizer=None, batch_size: int = 64, max
         inputs = _encode(model, batch)
         states = all_layer_states(model, arch, inputs)
         log_teacher = torch.log_softmax(teacher_logits(model, arch, states[-1], inputs.mask).float(), dim=-1)
-        per_student = torch.stack([
-            F.kl_div(torch.log_softmax(s(states[i], inputs.mask), dim=-1), log_teacher, log_target=True,
-                     reduction="sum")
-            for i, s in enumerate(students(model))
-        ])
+        per_student = torch.stack(
+            [
+                F.kl_div(
+                    torch.log_softmax(s(states[i], inputs.mask), dim=-1), log_teacher, log_target=True, reduction="sum"
+                )
+                for i, s in enumerate(students(model))
+            ]
+        )
         total = per_student if total is None else total + per_student
         count += inputs.hidden.shape[0]
     model.train(was_training)
@@ -184,7 +191,7 @@ def _run(
         if state["total"] != total or len(state["params"]) != len(params):
             raise ValueError(f"{state_path} belongs to a different run (steps or parameters differ); remove it")
         with torch.no_grad():
-            for p, saved in zip(params, state["params"]):
+            for p, saved in zip(params, state["params"], strict=True):
                 p.copy_(saved)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -192,9 +199,17 @@ def _run(
 
     def save() -> None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"total": total, "step": step, "params": [p.detach().clone() for p in params],
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history},
-                   state_path)
+        torch.save(
+            {
+                "total": total,
+                "step": step,
+                "params": [p.detach().clone() for p in params],
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+            },
+            state_path,
+        )
 
     was_training = model.training
     model.train(train_mode)
@@ -264,9 +279,19 @@ def distill(
     source = BatchSource(data, tokenizer, batch_size=batch_size, max_length=max_length, seed=seed)
     torch.manual_seed(seed)
     return _run(
-        model, student_params, source, lambda b: _distillation_loss(model, b), epochs=epochs, lr=lr,
-        warmup_ratio=warmup_ratio, weight_decay=weight_decay, train_mode=False, progress=progress,
-        desc="distilling students", checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        model,
+        student_params,
+        source,
+        lambda b: _distillation_loss(model, b),
+        epochs=epochs,
+        lr=lr,
+        warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
+        train_mode=False,
+        progress=progress,
+        desc="distilling students",
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
         max_steps=max_steps,
     )
 
@@ -306,13 +331,22 @@ def fine_tune(
         inputs = _encode(model, batch)
         states = all_layer_states(model, arch, inputs)
         logits = (
-            teacher_logits(model, arch, states[-1], inputs.mask) if is_patched(model)
-            else arch.head(model, states[-1])
+            teacher_logits(model, arch, states[-1], inputs.mask) if is_patched(model) else arch.head(model, states[-1])
         )
         return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
 
     torch.manual_seed(seed)
     return _run(
-        model, params, source, loss_fn, epochs=epochs, lr=lr, warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay, train_mode=True, progress=progress, desc="fine-tuning teacher", max_steps=max_steps,
+        model,
+        params,
+        source,
+        loss_fn,
+        epochs=epochs,
+        lr=lr,
+        warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
+        train_mode=True,
+        progress=progress,
+        desc="fine-tuning teacher",
+        max_steps=max_steps,
     )

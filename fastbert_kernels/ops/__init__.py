@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import custom_ops
+from . import custom_ops  # noqa: F401  (registers the torch ops)
 from .backends import BACKENDS, ENV_VAR, BackendUnavailableError, report, select_backend
 from .types import BranchWeights, FoldedWeights
 
@@ -68,7 +68,7 @@ def exit_head(
         raise ValueError(f"the branch needs at least 2 classes, got {weights.w_cls.shape[0]}")
     if r % num_heads:
         raise ValueError(f"branch width {r} is not divisible by num_heads {num_heads}")
-    for name, tensor in zip(BranchWeights._fields, weights):
+    for name, tensor in zip(BranchWeights._fields, weights, strict=True):
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     if torch.compiler.is_compiling():

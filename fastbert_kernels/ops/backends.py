@@ -67,7 +67,11 @@ def _lazy_triton(name: str) -> Callable:
 
 BACKENDS: dict[str, Backend] = {
     "reference": Backend(
-        "reference", reference.exit_head, reference.compact, lambda: frozenset({"cpu", "cuda"}), lambda: (True, "plain torch")
+        "reference",
+        reference.exit_head,
+        reference.compact,
+        lambda: frozenset({"cpu", "cuda"}),
+        lambda: (True, "plain torch"),
     ),
     "cpu": Backend("cpu", compiled.exit_head, compiled.compact, lambda: frozenset({"cpu"}), compiled.cpu_available),
     "triton": Backend("triton", _lazy_triton("exit_head"), _lazy_triton("compact"), _triton_devices, _triton_available),

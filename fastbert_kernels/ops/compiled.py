@@ -46,4 +46,6 @@ def exit_head(
 def compact(
     hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, trim: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.fastbert_C.compact(hidden.contiguous(), mask.contiguous(), rows.contiguous(), keep.contiguous(), trim)
+    return torch.ops.fastbert_C.compact(
+        hidden.contiguous(), mask.contiguous(), rows.contiguous(), keep.contiguous(), trim
+    )

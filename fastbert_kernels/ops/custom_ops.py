@@ -35,7 +35,9 @@ def exit_head(
 
 
 @exit_head.register_fake
-def _exit_head_fake(hidden, mask, w_in, b_in, w_qkv, b_qkv, w_out, b_out, w_pool, b_pool, w_cls, b_cls, num_heads, speed):
+def _exit_head_fake(
+    hidden, mask, w_in, b_in, w_qkv, b_qkv, w_out, b_out, w_pool, b_pool, w_cls, b_cls, num_heads, speed
+):
     n, c = hidden.shape[0], w_cls.shape[0]
     return (
         hidden.new_empty((n, c), dtype=torch.float32),

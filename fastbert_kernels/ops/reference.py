@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from .types import BranchWeights
 
 
-def branch_logits(
-    hidden: torch.Tensor, mask: torch.Tensor, weights: BranchWeights, num_heads: int
-) -> torch.Tensor:
+def branch_logits(hidden: torch.Tensor, mask: torch.Tensor, weights: BranchWeights, num_heads: int) -> torch.Tensor:
     """FastBERT branch classifier, differentiable.
 
     z = tanh(W_in x + b_in)                                  per token, [N, S, R]

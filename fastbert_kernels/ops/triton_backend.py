@@ -62,8 +62,14 @@ class ExitHeadConfig:
     def for_sizes(cls, r: int, c: int) -> ExitHeadConfig:
         block_r = _pow2(r)
         # Keep every [rows, BLOCK_R] register tile at <= 4096 float32 (32 registers a thread at 4 warps).
-        return cls(block_r=block_r, block_o=max(16, 4096 // block_r), block_s=max(1, 4096 // block_r),
-                   block_n=16, block_k=32, block_c=_pow2(c))
+        return cls(
+            block_r=block_r,
+            block_o=max(16, 4096 // block_r),
+            block_s=max(1, 4096 // block_r),
+            block_n=16,
+            block_k=32,
+            block_c=_pow2(c),
+        )
 
 
 COMPACT_BLOCK_N = 256
@@ -89,17 +95,53 @@ def exit_head(
     query = torch.empty(n, qk, dtype=torch.float32, device=hidden.device)
     zbar = torch.empty(n, qk, dtype=torch.float32, device=hidden.device)
     kernels._cls_query_kernel[(n, triton.cdiv(qk, cfg.block_o))](
-        projected, w.b_in, w.w_qk, w.b_qk, query, s, r, qk,
-        BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o, num_warps=cfg.num_warps,
+        projected,
+        w.b_in,
+        w.w_qk,
+        w.b_qk,
+        query,
+        s,
+        r,
+        qk,
+        BLOCK_R=cfg.block_r,
+        BLOCK_O=cfg.block_o,
+        num_warps=cfg.num_warps,
     )
     kernels._cls_attention_kernel[(n, num_heads)](
-        projected, mask, w.b_in, query, zbar, s, r, qk,
-        BLOCK_S=cfg.block_s, BLOCK_R=cfg.block_r, num_warps=cfg.num_warps,
+        projected,
+        mask,
+        w.b_in,
+        query,
+        zbar,
+        s,
+        r,
+        qk,
+        BLOCK_S=cfg.block_s,
+        BLOCK_R=cfg.block_r,
+        num_warps=cfg.num_warps,
     )
     kernels._exit_tail_kernel[(triton.cdiv(n, cfg.block_n),)](
-        zbar, w.w_ov, w.b_ov, w.w_pool, w.b_pool, w.w_cls, w.b_cls, logits, uncertainty, exits.view(torch.int8),
-        n, r, qk, c, math.log(c), float(speed),
-        BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        zbar,
+        w.w_ov,
+        w.b_ov,
+        w.w_pool,
+        w.b_pool,
+        w.w_cls,
+        w.b_cls,
+        logits,
+        uncertainty,
+        exits.view(torch.int8),
+        n,
+        r,
+        qk,
+        c,
+        math.log(c),
+        float(speed),
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=cfg.block_r,
+        BLOCK_K=cfg.block_k,
+        BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps,
     )
     return logits, uncertainty, exits
 
@@ -113,8 +155,15 @@ def compact(
     stats = torch.zeros(2, dtype=torch.int64, device=hidden.device)
     if n:
         kernels._compact_plan_kernel[(1,)](
-            keep.view(torch.int8), mask, index, stats, n, s,
-            TRIM=trim, BLOCK_N=COMPACT_BLOCK_N, BLOCK_S=COMPACT_BLOCK_S,
+            keep.view(torch.int8),
+            mask,
+            index,
+            stats,
+            n,
+            s,
+            TRIM=trim,
+            BLOCK_N=COMPACT_BLOCK_N,
+            BLOCK_S=COMPACT_BLOCK_S,
         )
     # The one host sync of a layer: the survivors' count and length size the outputs.
     survivors, length = stats.tolist()
@@ -142,34 +191,96 @@ def aot_specs(
     cfg = ExitHeadConfig.for_sizes(r, c)
     t = _TRITON_TYPES[dtype]
     return {
-        "cls_query": (kernels._cls_query_kernel,
-                      {"a_ptr": f"*{t}", "b_in_ptr": "*fp32", "w_qk_ptr": "*fp32", "b_qk_ptr": "*fp32",
-                       "q_ptr": "*fp32", "S": "i32", "R": "i32", "QK": "i32",
-                       "BLOCK_R": "constexpr", "BLOCK_O": "constexpr"},
-                      {"BLOCK_R": cfg.block_r, "BLOCK_O": cfg.block_o}),
-        "cls_attention": (kernels._cls_attention_kernel,
-                          {"a_ptr": f"*{t}", "mask_ptr": "*i64", "b_in_ptr": "*fp32", "q_ptr": "*fp32",
-                           "zbar_ptr": "*fp32", "S": "i32", "R": "i32", "QK": "i32",
-                           "BLOCK_S": "constexpr", "BLOCK_R": "constexpr"},
-                          {"BLOCK_S": cfg.block_s, "BLOCK_R": cfg.block_r}),
-        "exit_tail": (kernels._exit_tail_kernel,
-                      {"zbar_ptr": "*fp32", "w_ov_ptr": "*fp32", "b_ov_ptr": "*fp32", "w_pool_ptr": "*fp32",
-                       "b_pool_ptr": "*fp32", "w_cls_ptr": "*fp32", "b_cls_ptr": "*fp32", "logits_ptr": "*fp32",
-                       "uncertainty_ptr": "*fp32", "exits_ptr": "*i8", "N": "i32", "R": "i32", "QK": "i32",
-                       "C": "i32", "log_classes": "fp32", "speed": "fp32", "BLOCK_N": "constexpr",
-                       "BLOCK_R": "constexpr", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr"},
-                      {"BLOCK_N": cfg.block_n, "BLOCK_R": cfg.block_r, "BLOCK_K": cfg.block_k,
-                       "BLOCK_C": cfg.block_c}),
-        "compact_plan": (kernels._compact_plan_kernel,
-                         {"keep_ptr": "*i8", "mask_ptr": "*i64", "index_ptr": "*i64", "stats_ptr": "*i64",
-                          "N": "i32", "S": "i32", "TRIM": "constexpr", "BLOCK_N": "constexpr",
-                          "BLOCK_S": "constexpr"},
-                         {"TRIM": trim, "BLOCK_N": COMPACT_BLOCK_N, "BLOCK_S": COMPACT_BLOCK_S}),
-        "compact_gather": (kernels._compact_gather_kernel,
-                           {"hidden_ptr": f"*{t}", "mask_ptr": "*i64", "rows_ptr": "*i64", "index_ptr": "*i64",
-                            "hidden_out_ptr": f"*{t}", "mask_out_ptr": "*i64", "rows_out_ptr": "*i64",
-                            "S": "i32", "H": "i32", "LENGTH": "i32", "BLOCK": "constexpr"},
-                           {"BLOCK": GATHER_BLOCK}),
+        "cls_query": (
+            kernels._cls_query_kernel,
+            {
+                "a_ptr": f"*{t}",
+                "b_in_ptr": "*fp32",
+                "w_qk_ptr": "*fp32",
+                "b_qk_ptr": "*fp32",
+                "q_ptr": "*fp32",
+                "S": "i32",
+                "R": "i32",
+                "QK": "i32",
+                "BLOCK_R": "constexpr",
+                "BLOCK_O": "constexpr",
+            },
+            {"BLOCK_R": cfg.block_r, "BLOCK_O": cfg.block_o},
+        ),
+        "cls_attention": (
+            kernels._cls_attention_kernel,
+            {
+                "a_ptr": f"*{t}",
+                "mask_ptr": "*i64",
+                "b_in_ptr": "*fp32",
+                "q_ptr": "*fp32",
+                "zbar_ptr": "*fp32",
+                "S": "i32",
+                "R": "i32",
+                "QK": "i32",
+                "BLOCK_S": "constexpr",
+                "BLOCK_R": "constexpr",
+            },
+            {"BLOCK_S": cfg.block_s, "BLOCK_R": cfg.block_r},
+        ),
+        "exit_tail": (
+            kernels._exit_tail_kernel,
+            {
+                "zbar_ptr": "*fp32",
+                "w_ov_ptr": "*fp32",
+                "b_ov_ptr": "*fp32",
+                "w_pool_ptr": "*fp32",
+                "b_pool_ptr": "*fp32",
+                "w_cls_ptr": "*fp32",
+                "b_cls_ptr": "*fp32",
+                "logits_ptr": "*fp32",
+                "uncertainty_ptr": "*fp32",
+                "exits_ptr": "*i8",
+                "N": "i32",
+                "R": "i32",
+                "QK": "i32",
+                "C": "i32",
+                "log_classes": "fp32",
+                "speed": "fp32",
+                "BLOCK_N": "constexpr",
+                "BLOCK_R": "constexpr",
+                "BLOCK_K": "constexpr",
+                "BLOCK_C": "constexpr",
+            },
+            {"BLOCK_N": cfg.block_n, "BLOCK_R": cfg.block_r, "BLOCK_K": cfg.block_k, "BLOCK_C": cfg.block_c},
+        ),
+        "compact_plan": (
+            kernels._compact_plan_kernel,
+            {
+                "keep_ptr": "*i8",
+                "mask_ptr": "*i64",
+                "index_ptr": "*i64",
+                "stats_ptr": "*i64",
+                "N": "i32",
+                "S": "i32",
+                "TRIM": "constexpr",
+                "BLOCK_N": "constexpr",
+                "BLOCK_S": "constexpr",
+            },
+            {"TRIM": trim, "BLOCK_N": COMPACT_BLOCK_N, "BLOCK_S": COMPACT_BLOCK_S},
+        ),
+        "compact_gather": (
+            kernels._compact_gather_kernel,
+            {
+                "hidden_ptr": f"*{t}",
+                "mask_ptr": "*i64",
+                "rows_ptr": "*i64",
+                "index_ptr": "*i64",
+                "hidden_out_ptr": f"*{t}",
+                "mask_out_ptr": "*i64",
+                "rows_out_ptr": "*i64",
+                "S": "i32",
+                "H": "i32",
+                "LENGTH": "i32",
+                "BLOCK": "constexpr",
+            },
+            {"BLOCK": GATHER_BLOCK},
+        ),
     }
 
 

@@ -29,9 +29,16 @@ def _tanh(x):
 
 @triton.jit
 def _cls_query_kernel(
-    a_ptr, b_in_ptr, w_qk_ptr, b_qk_ptr, q_ptr,
-    S, R, QK,
-    BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+    a_ptr,
+    b_in_ptr,
+    w_qk_ptr,
+    b_qk_ptr,
+    q_ptr,
+    S,
+    R,
+    QK,
+    BLOCK_R: tl.constexpr,
+    BLOCK_O: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -49,9 +56,16 @@ def _cls_query_kernel(
 
 @triton.jit
 def _cls_attention_kernel(
-    a_ptr, mask_ptr, b_in_ptr, q_ptr, zbar_ptr,
-    S, R, QK,
-    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+    a_ptr,
+    mask_ptr,
+    b_in_ptr,
+    q_ptr,
+    zbar_ptr,
+    S,
+    R,
+    QK,
+    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -66,9 +80,9 @@ def _cls_attention_kernel(
         s = start + tl.arange(0, BLOCK_S)
         s_ok = s < S
         valid = tl.load(mask_ptr + row * S + s, mask=s_ok, other=0) != 0
-        a = tl.load(
-            a_ptr + (row * S + s)[:, None] * R + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0
-        ).to(tl.float32)
+        a = tl.load(a_ptr + (row * S + s)[:, None] * R + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0).to(
+            tl.float32
+        )
         z = tl.where(k_ok[None, :], _tanh(a + b_in[None, :]), 0.0)
         score = tl.where(valid, tl.sum(z * q[None, :], axis=1), float("-inf"))
         new_max = tl.maximum(running_max, tl.max(score, axis=0))
@@ -84,10 +98,26 @@ def _cls_attention_kernel(
 
 @triton.jit
 def _exit_tail_kernel(
-    zbar_ptr, w_ov_ptr, b_ov_ptr, w_pool_ptr, b_pool_ptr, w_cls_ptr, b_cls_ptr,
-    logits_ptr, uncertainty_ptr, exits_ptr,
-    N, R, QK, C, log_classes, speed,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    zbar_ptr,
+    w_ov_ptr,
+    b_ov_ptr,
+    w_pool_ptr,
+    b_pool_ptr,
+    w_cls_ptr,
+    b_cls_ptr,
+    logits_ptr,
+    uncertainty_ptr,
+    exits_ptr,
+    N,
+    R,
+    QK,
+    C,
+    log_classes,
+    speed,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ok = rows < N
@@ -131,9 +161,15 @@ def _exit_tail_kernel(
 
 @triton.jit
 def _compact_plan_kernel(
-    keep_ptr, mask_ptr, index_ptr, stats_ptr,
-    N, S,
-    TRIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    keep_ptr,
+    mask_ptr,
+    index_ptr,
+    stats_ptr,
+    N,
+    S,
+    TRIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     count = tl.full([], 0, tl.int64)
     longest = tl.full([], 0, tl.int64)
@@ -163,8 +199,16 @@ def _compact_plan_kernel(
 
 @triton.jit
 def _compact_gather_kernel(
-    hidden_ptr, mask_ptr, rows_ptr, index_ptr, hidden_out_ptr, mask_out_ptr, rows_out_ptr,
-    S, H, LENGTH,
+    hidden_ptr,
+    mask_ptr,
+    rows_ptr,
+    index_ptr,
+    hidden_out_ptr,
+    mask_out_ptr,
+    rows_out_ptr,
+    S,
+    H,
+    LENGTH,
     BLOCK: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)

@@ -117,6 +117,9 @@ def adaptive_forward(
     out_layer = torch.full((batch,), num_layers, dtype=torch.int64, device=device)
     student_branches = branches(self)
     heads = config.branch_heads
+    # The survivors' count is data-dependent: eager stops as soon as nobody is left; a compiled
+    # graph cannot branch on it and runs the remaining layers on an empty batch instead.
+    eager = not torch.compiler.is_compiling()
 
     attention = layer_mask(self.config, hidden, mask)
     for index, layer in enumerate(layers):
@@ -130,11 +133,11 @@ def adaptive_forward(
         out_uncertainty[rows] = torch.where(exits, uncertainty, out_uncertainty[rows])
         out_layer[rows] = torch.where(exits, index + 1, out_layer[rows])
         hidden, mask, rows = ops.compact(hidden, mask, rows, keep_old, config.trim_sequence)
-        if rows.shape[0] == 0:
+        if eager and rows.shape[0] == 0:
             break
         attention = layer_mask(self.config, hidden, mask)
 
-    if rows.shape[0]:
+    if not eager or rows.shape[0]:
         final = teacher_logits(self, arch, hidden, mask)
         out_logits[rows] = final.to(torch.float32)
         out_uncertainty[rows] = normalized_entropy(final)

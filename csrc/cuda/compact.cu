@@ -43,7 +43,7 @@ __global__ void compact_plan_kernel(const bool* __restrict__ keep, const int64_t
   }
   if (threadIdx.x == 0) {
     stats[0] = offset;
-    stats[1] = offset == 0 ? 0 : static_cast<int64_t>(longest);
+    stats[1] = static_cast<int64_t>(longest);  // s when not trimming, 0 when trimming nobody
   }
 }
 

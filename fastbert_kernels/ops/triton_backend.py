@@ -152,7 +152,8 @@ def compact(
     hidden, mask, rows, keep = hidden.contiguous(), mask.contiguous(), rows.contiguous(), keep.contiguous()
     n, s, h = hidden.shape
     index = torch.empty(n, dtype=torch.int64, device=hidden.device)
-    stats = torch.zeros(2, dtype=torch.int64, device=hidden.device)
+    # Without a kernel launch (no rows) the result is empty with the untrimmed length when not trimming.
+    stats = torch.tensor([0, 0 if trim else s], dtype=torch.int64, device=hidden.device)
     if n:
         kernels._compact_plan_kernel[(1,)](
             keep.view(torch.int8),

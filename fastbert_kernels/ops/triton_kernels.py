@@ -194,7 +194,7 @@ def _compact_plan_kernel(
     if TRIM:
         tl.store(stats_ptr + 1, longest)
     else:
-        tl.store(stats_ptr + 1, tl.where(count > 0, S, 0).to(tl.int64))
+        tl.store(stats_ptr + 1, S.to(tl.int64))
 
 
 @triton.jit

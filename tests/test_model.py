@@ -1,0 +1,238 @@
+"""The patched model end to end, on tiny random configs (no downloads), with every backend forced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_batch, rig_student, spread_branches, tiny_model
+
+import fastbert_kernels as fbk
+
+KINDS = ["bert", "roberta"]
+
+
+def _pad_id(model) -> int:
+    return model.config.pad_token_id or 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_speed_zero_equals_unpatched(backend, kind, attn):
+    model = tiny_model(kind, attn)
+    batch = random_batch(9, 23, _pad_id(model))
+    with torch.no_grad():
+        expected = model(**batch).logits
+        fbk.patch(model)
+        spread_branches(model)
+        out = model(**batch, speed=0.0)
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
+    assert out.exit_layer.dtype == torch.int64
+    assert torch.equal(out.exit_layer, torch.full((9,), 4))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rigged_first_student_exits_everyone_at_layer_one(backend, attn):
+    model = fbk.patch(tiny_model("bert", attn))
+    rig_student(model, 1, confident=True)
+    with torch.no_grad():
+        out = model(**random_batch(11, 17), speed=1.0)
+    assert torch.equal(out.exit_layer, torch.ones(11, dtype=torch.int64))
+    assert torch.equal(out.logits.argmax(-1), torch.zeros(11, dtype=torch.int64))
+    assert (out.uncertainty < 1e-3).all()
+
+
+def test_speed_nobody_meets_exits_nobody(backend):
+    model = fbk.patch(tiny_model("bert"))
+    for layer in range(1, 4):
+        rig_student(model, layer, confident=False)  # uniform: u = 1
+    batch = random_batch(8, 12)
+    with torch.no_grad():
+        expected = fbk.unpatch(model)(**batch).logits
+        fbk.patch(model)
+        for layer in range(1, 4):
+            rig_student(model, layer, confident=False)
+        out = model(**batch, speed=0.9)
+    assert torch.equal(out.exit_layer, torch.full((8,), 4))
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
+
+
+def test_later_layer_rigged_exits_there(backend):
+    model = fbk.patch(tiny_model("bert"))
+    rig_student(model, 1, confident=False)
+    rig_student(model, 2, confident=True)
+    with torch.no_grad():
+        out = model(**random_batch(5, 9), speed=0.5)
+    assert torch.equal(out.exit_layer, torch.full((5,), 2))
+
+
+def _alone(model, batch, i: int, speed: float):
+    length = int(batch["attention_mask"][i].sum())
+    single = {k: v[i : i + 1, :length] for k, v in batch.items()}
+    return model(**single, speed=speed)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_each_sample_answers_as_if_alone(backend, kind, batch_size):
+    model = fbk.patch(tiny_model(kind))
+    spread_branches(model)
+    batch = random_batch(batch_size, 29, _pad_id(model))
+    order = torch.randperm(batch_size)
+    shuffled = {k: v[order] for k, v in batch.items()}
+    speed = 0.6
+    with torch.no_grad():
+        out = model(**batch, speed=speed)
+        out_shuffled = model(**shuffled, speed=speed)
+        for i in range(batch_size):
+            alone = _alone(model, batch, i, speed)
+            # A sample whose uncertainty sits within float noise of the threshold may go either
+            # way; detect it by nudging the threshold, and compare its logits only then.
+            stable = all(
+                int(_alone(model, batch, i, speed + d).exit_layer) == int(alone.exit_layer) for d in (-1e-4, 1e-4)
+            )
+            if stable:
+                assert int(out.exit_layer[i]) == int(alone.exit_layer), f"row {i}"
+            if int(out.exit_layer[i]) == int(alone.exit_layer):
+                torch.testing.assert_close(out.logits[i], alone.logits[0], atol=1e-5, rtol=1e-5)
+    # Shuffling the batch shuffles the answers, nothing else.
+    assert torch.equal(out_shuffled.exit_layer, out.exit_layer[order])
+    torch.testing.assert_close(out_shuffled.logits, out.logits[order], atol=1e-5, rtol=0)
+    if batch_size == 64:
+        assert len(set(out.exit_layer.tolist())) > 1, "the test needs a mix of exit layers to mean anything"
+
+
+def test_default_speed_and_explicit_speed(backend):
+    model = fbk.patch(tiny_model("bert"), default_speed=1.0)
+    rig_student(model, 1, confident=True)
+    batch = random_batch(4, 6)
+    with torch.no_grad():
+        assert (model(**batch).exit_layer == 1).all()
+        assert (model(**batch, speed=0.0).exit_layer == 4).all()
+
+
+def test_unpatch_restores_exactly():
+    model = tiny_model("bert")
+    keys_before = set(model.state_dict())
+    batch = random_batch(6, 10)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        fbk.patch(model)
+        spread_branches(model)
+        fbk.unpatch(model)
+        after = model(**batch)
+    assert type(after).__name__ == "SequenceClassifierOutput"
+    assert torch.equal(after.logits, expected)
+    assert set(model.state_dict()) == keys_before
+    assert not fbk.is_patched(model)
+    assert "forward" not in model.__dict__ and "save_pretrained" not in model.__dict__
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("teacher", ["model", "branch"])
+def test_save_load_round_trip(tmp_path, kind, teacher):
+    model = fbk.patch(tiny_model(kind), teacher=teacher, default_speed=0.4)
+    spread_branches(model)
+    model.save_pretrained(tmp_path)
+    loaded = fbk.from_pretrained(tmp_path)
+    assert fbk.fastbert_config(loaded) == fbk.fastbert_config(model)
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k1 == k2 and torch.equal(v1, v2)
+    batch = random_batch(16, 21, _pad_id(model))
+    with torch.no_grad():
+        for speed in (0.0, 0.5, 0.9):
+            a, b = model(**batch, speed=speed), loaded(**batch, speed=speed)
+            assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_layer, b.exit_layer)
+
+
+def test_saved_checkpoint_still_loads_in_plain_transformers(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = fbk.patch(tiny_model("bert"))
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    batch = random_batch(3, 8)
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).logits, model(**batch, speed=0.0).logits)
+
+
+def test_branch_teacher_mode_uses_last_branch():
+    model = fbk.patch(tiny_model("bert"), teacher="branch")
+    assert len(model.fastbert_branches) == 4 and len(fbk.students(model)) == 3
+    batch = random_batch(5, 7)
+    with torch.no_grad():
+        out = model(**batch, speed=0.0)
+    assert torch.equal(out.exit_layer, torch.full((5,), 4))
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        hidden = model.bert(**batch).last_hidden_state
+        expected = model.fastbert_branches[-1](hidden, mask)
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
+
+
+def _frozen_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("fastbert_branches.")}
+
+
+@pytest.mark.parametrize("teacher", ["model", "branch"])
+def test_distillation_lowers_kl_and_freezes_backbone(teacher):
+    model = fbk.patch(tiny_model("bert"), teacher=teacher)
+    if teacher == "branch":
+        with torch.no_grad():
+            for p in model.fastbert_branches[-1].parameters():
+                p.normal_(0, 1.0 / p.shape[-1] ** 0.5)
+    train = [random_batch(16, 20) for _ in range(24)]
+    held_out = [random_batch(32, 20) for _ in range(2)]
+    before_state = _frozen_state(model)
+    teacher_branch = {k: v.clone() for k, v in model.fastbert_branches[-1].state_dict().items()}
+    kl_before = fbk.student_kl(model, held_out)
+    history = fbk.distill(model, train, epochs=3, lr=3e-3, progress=False)
+    kl_after = fbk.student_kl(model, held_out)
+    assert history.steps == 72 and len(history.lr) == 72
+    assert history.lr[-1] < history.lr[10]  # decays over this run's own steps
+    assert (kl_after < 0.7 * kl_before).all(), (kl_before, kl_after)
+    for k, v in _frozen_state(model).items():
+        assert torch.equal(v, before_state[k]), k
+    if teacher == "branch":
+        for k, v in model.fastbert_branches[-1].state_dict().items():
+            assert torch.equal(v, teacher_branch[k])
+
+
+def test_distill_from_texts_with_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(90)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]")
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 90, (int(torch.randint(3, 15, ())),))) for _ in range(40)]
+    model = fbk.patch(tiny_model("bert"))
+    history = fbk.distill(model, texts, tokenizer, batch_size=8, progress=False)
+    assert history.steps == 5 and all(torch.isfinite(torch.tensor(history.loss)))
+
+
+def test_fine_tune_teacher_learns_labels():
+    model = tiny_model("bert", num_labels=2)
+    batches = []
+    for _ in range(20):
+        batch = random_batch(16, 12, min_length=4)
+        batch["labels"] = (batch["input_ids"][:, 0] % 2).long()  # learnable from the first token
+        batches.append(batch)
+    history = fbk.fine_tune(model, batches, epochs=3, lr=1e-3, progress=False)
+    assert sum(history.loss[-5:]) / 5 < 0.5 * sum(history.loss[:5]) / 5
+
+
+def test_patched_model_under_torch_compile(backend):
+    import torch._dynamo
+
+    model = fbk.patch(tiny_model("bert"))
+    spread_branches(model)
+    batch = random_batch(12, 15)
+    with torch.no_grad():
+        expected = model(**batch, speed=0.5)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
+            compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+            got = compiled(**batch, speed=0.5)
+    assert torch.equal(got.exit_layer, expected.exit_layer)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)

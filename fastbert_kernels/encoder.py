@@ -79,10 +79,9 @@ def embed(
             raise ValueError(f"{name} must be {tuple(shape)} on {device}, got {tuple(extra.shape)} on {extra.device}")
     mask = normalize_attention_mask(attention_mask, shape, device)
     # A data-dependent check: eager only (a compiled graph cannot branch on tensor values).
-    if not torch.compiler.is_compiling():
-        empty_rows = (mask.sum(dim=1) == 0).nonzero().flatten()
-        if empty_rows.numel():
-            raise ValueError(f"attention_mask rows {empty_rows.tolist()[:10]} have no tokens; every sample needs one")
+    if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
+        empty_rows = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {empty_rows[:10]} have no tokens; every sample needs one")
     hidden = arch.base_model(model).embeddings(
         input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
     )

@@ -106,47 +106,63 @@ def adaptive_forward(
         )
     arch = architecture_for(self)
     layers = arch.layers(self)
-    num_layers = len(layers)
     inputs = embed(self, arch, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
-    hidden, mask = inputs.hidden, inputs.mask
-    batch = hidden.shape[0]
-    device = hidden.device
-    rows = torch.arange(batch, device=device)
-    out_logits = torch.empty(batch, self.config.num_labels, dtype=torch.float32, device=device)
-    out_uncertainty = torch.empty(batch, dtype=torch.float32, device=device)
-    out_layer = torch.full((batch,), num_layers, dtype=torch.int64, device=device)
-    student_branches = branches(self)
-    heads = config.branch_heads
-    # The survivors' count is data-dependent: eager stops as soon as nobody is left; a compiled
-    # graph cannot branch on it and runs the remaining layers on an empty batch instead.
-    eager = not torch.compiler.is_compiling()
-
-    attention = layer_mask(self.config, hidden, mask)
-    for index, layer in enumerate(layers):
-        hidden = run_layer(layer, hidden, attention)
-        if index == num_layers - 1 or speed == 0.0:
-            continue
-        logits, uncertainty, exits = ops.exit_head(hidden, mask, student_branches[index].weights(), heads, speed)
-        # Written without a host sync: rows that stay keep their (unwritten) old values.
-        keep_old = ~exits
-        out_logits[rows] = torch.where(exits[:, None], logits, out_logits[rows])
-        out_uncertainty[rows] = torch.where(exits, uncertainty, out_uncertainty[rows])
-        out_layer[rows] = torch.where(exits, index + 1, out_layer[rows])
-        hidden, mask, rows = ops.compact(hidden, mask, rows, keep_old, config.trim_sequence)
-        if eager and rows.shape[0] == 0:
-            break
-        attention = layer_mask(self.config, hidden, mask)
-
-    if not eager or rows.shape[0]:
-        final = teacher_logits(self, arch, hidden, mask)
-        out_logits[rows] = final.to(torch.float32)
-        out_uncertainty[rows] = normalized_entropy(final)
+    if speed == 0.0:
+        out_logits, out_layer, out_uncertainty = _full_depth(self, arch, layers, inputs.hidden, inputs.mask)
+    else:
+        out_logits, out_layer, out_uncertainty = _adaptive(self, arch, layers, inputs.hidden, inputs.mask, speed)
     loss = None
     if labels is not None:
-        loss = nn.functional.cross_entropy(out_logits, labels.to(device))
+        loss = nn.functional.cross_entropy(out_logits, labels.to(out_logits.device))
     output = FastBertOutput(loss=loss, logits=out_logits, exit_layer=out_layer, uncertainty=out_uncertainty)
     use_dict = self.config.return_dict if return_dict is None else return_dict
     return output if use_dict else output.to_tuple()
+
+
+def _full_depth(model, arch: Architecture, layers, hidden: torch.Tensor, mask: torch.Tensor):
+    """Speed 0: exactly the unpatched computation (no branch, no compaction, no bookkeeping)."""
+    attention = layer_mask(model.config, hidden, mask)
+    for layer in layers:
+        hidden = run_layer(layer, hidden, attention)
+    logits = teacher_logits(model, arch, hidden, mask)
+    exit_layer = torch.full((hidden.shape[0],), len(layers), dtype=torch.int64, device=hidden.device)
+    return logits.to(torch.float32), exit_layer, normalized_entropy(logits)
+
+
+def _adaptive(model, arch: Architecture, layers, hidden: torch.Tensor, mask: torch.Tensor, speed: float):
+    """Layers with exits; returns logits ``[B, C]``, exit layer ``[B]`` and uncertainty ``[B]``."""
+    config = fastbert_config(model)
+    num_layers, batch, device = len(layers), hidden.shape[0], hidden.device
+    num_labels = model.config.num_labels
+    rows = torch.arange(batch, device=device)
+    # One float32 buffer per sample: [logits (C) | uncertainty | exit layer], so that each layer's
+    # exits are written with one gather-where-scatter and no host sync (exit layers are small
+    # integers, exact in float32).
+    answers = torch.zeros(batch, num_labels + 2, dtype=torch.float32, device=device)
+    answers[:, -1] = num_layers
+    student_branches = branches(model)
+    # The survivors' count is data-dependent: eager stops as soon as nobody is left; a compiled
+    # graph cannot branch on it and runs the remaining layers on an empty batch instead.
+    eager = not torch.compiler.is_compiling()
+    attention = layer_mask(model.config, hidden, mask)
+    for index, layer in enumerate(layers):
+        hidden = run_layer(layer, hidden, attention)
+        if index == num_layers - 1:
+            break
+        logits, uncertainty, exits = ops.exit_head(
+            hidden, mask, student_branches[index].weights(), config.branch_heads, speed
+        )
+        found = torch.cat([logits, uncertainty[:, None], torch.full_like(uncertainty[:, None], index + 1)], dim=1)
+        answers[rows] = torch.where(exits[:, None], found, answers[rows])
+        hidden, mask, rows = ops.compact(hidden, mask, rows, ~exits, config.trim_sequence)
+        if eager and rows.shape[0] == 0:
+            break
+        attention = layer_mask(model.config, hidden, mask)
+    if not eager or rows.shape[0]:
+        final = teacher_logits(model, arch, hidden, mask)
+        answers[rows, :num_labels] = final.to(torch.float32)
+        answers[rows, num_labels] = normalized_entropy(final)
+    return answers[:, :num_labels], answers[:, -1].to(torch.int64), answers[:, num_labels].contiguous()
 
 
 def patch(model: nn.Module, config: FastBertConfig | None = None, **options) -> nn.Module:

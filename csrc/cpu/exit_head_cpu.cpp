@@ -28,12 +28,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
   if (n == 0) return {logits, uncertainty, exits};
   TORCH_CHECK(s > 0, "hidden has an empty sequence axis");
 
-  // a = x W_in^T for every token: the only O(S * H * R) work, done by BLAS in hidden's dtype.
-  const at::Tensor projected = at::linear(hidden.view({n * s, h}), w.w_in).to(at::kFloat).contiguous();
+  // z = tanh(x W_in^T + b_in) for every token: the only O(S * H * R) work. The GEMM (bias fused)
+  // goes to BLAS in hidden's dtype, tanh to ATen's vectorised kernel; both parallel.
+  at::Tensor projected = at::addmm(w.b_in.to(hidden.scalar_type()), hidden.view({n * s, h}), w.w_in.t());
+  projected = projected.to(at::kFloat).contiguous();
+  projected.tanh_();
 
   const float* a_all = projected.data_ptr<float>();
   const int64_t* mask_all = mask.data_ptr<int64_t>();
-  const float* b_in = w.b_in.data_ptr<float>();
   const float* w_qk = w.w_qk.data_ptr<float>();
   const float* b_qk = w.b_qk.data_ptr<float>();
   const float* w_ov = w.w_ov.data_ptr<float>();
@@ -48,25 +50,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
   const float threshold = static_cast<float>(speed);
 
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(r), query(qk_width), pooled_in(qk_width), out(r), pooled(r), row_logits(c);
+    std::vector<float> query(qk_width), pooled_in(qk_width), out(r), pooled(r), row_logits(c);
     for (int64_t row = begin; row < end; ++row) {
-      const float* a = a_all + row * s * r;
+      const float* a = a_all + row * s * r;  // z for this row's tokens
       const int64_t* row_mask = mask_all + row * s;
 
       // q'_j = W_qk,j z_0 + b_qk,j  (the CLS token's query, folded through W_k).
-      for (int64_t k = 0; k < r; ++k) z[k] = tanhf(a[k] + b_in[k]);
-      for (int64_t i = 0; i < qk_width; ++i) query[i] = affine_row(w_qk, b_qk, z.data(), i, r);
+      for (int64_t i = 0; i < qk_width; ++i) query[i] = affine_row(w_qk, b_qk, a, i, r);
 
       // zbar_j = softmax-weighted sum of z_s over the unmasked tokens, one pass (online softmax).
       std::fill(pooled_in.begin(), pooled_in.end(), 0.f);
       std::vector<OnlineSoftmax> state(num_heads, online_softmax_start());
       for (int64_t tok = 0; tok < s; ++tok) {
         if (row_mask[tok] == 0) continue;
-        const float* a_tok = a + tok * r;
-        for (int64_t k = 0; k < r; ++k) z[k] = tanhf(a_tok[k] + b_in[k]);
+        const float* z = a + tok * r;
         for (int64_t j = 0; j < num_heads; ++j) {
           float old_scale, weight;
-          online_softmax_update(state[j], dot(query.data() + j * r, z.data(), r), &old_scale, &weight);
+          online_softmax_update(state[j], dot(query.data() + j * r, z, r), &old_scale, &weight);
           float* acc = pooled_in.data() + j * r;
           for (int64_t k = 0; k < r; ++k) acc[k] = acc[k] * old_scale + weight * z[k];
         }

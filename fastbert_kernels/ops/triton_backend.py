@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -57,6 +58,9 @@ class ExitHeadConfig:
     block_k: int
     block_c: int
     num_warps: int = 4
+    # The tail holds [BLOCK_N, BLOCK_R] and [BLOCK_N, BLOCK_C] accumulators plus weight tiles:
+    # at 4 warps ptxas needs 255 registers and spills on sm_90, at 8 it does not.
+    tail_warps: int = 8
 
     @classmethod
     def for_sizes(cls, r: int, c: int) -> ExitHeadConfig:
@@ -72,8 +76,10 @@ class ExitHeadConfig:
         )
 
 
-COMPACT_BLOCK_N = 256
-COMPACT_BLOCK_S = 64
+# The plan kernel scans a [BLOCK_N, BLOCK_S] int64 tile of the mask: 128 x 16 keeps it in
+# registers (256 x 64 spilled 7 KB a thread in ptxas -v).
+COMPACT_BLOCK_N = 128
+COMPACT_BLOCK_S = 16
 GATHER_BLOCK = 1024
 
 
@@ -141,7 +147,7 @@ def exit_head(
         BLOCK_R=cfg.block_r,
         BLOCK_K=cfg.block_k,
         BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.tail_warps,
     )
     return logits, uncertainty, exits
 
@@ -184,15 +190,22 @@ def compact(
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def aot_specs(
-    dtype: torch.dtype = torch.float32, r: int = 128, c: int = 2, trim: bool = True
-) -> dict[str, tuple[object, dict[str, str], dict[str, object]]]:
+class AotSpec(NamedTuple):
+    """A kernel as the launchers above run it: signature, constexprs and warps."""
+
+    kernel: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+
+
+def aot_specs(dtype: torch.dtype = torch.float32, r: int = 128, c: int = 2, trim: bool = True) -> dict[str, AotSpec]:
     """Each kernel with the signature and constexprs the launchers above use for these sizes:
     ``{name: (kernel, signature, constexprs)}``, for :func:`aot_compile`."""
     cfg = ExitHeadConfig.for_sizes(r, c)
     t = _TRITON_TYPES[dtype]
     return {
-        "cls_query": (
+        "cls_query": AotSpec(
             kernels._cls_query_kernel,
             {
                 "a_ptr": f"*{t}",
@@ -207,8 +220,9 @@ def aot_specs(
                 "BLOCK_O": "constexpr",
             },
             {"BLOCK_R": cfg.block_r, "BLOCK_O": cfg.block_o},
+            cfg.num_warps,
         ),
-        "cls_attention": (
+        "cls_attention": AotSpec(
             kernels._cls_attention_kernel,
             {
                 "a_ptr": f"*{t}",
@@ -223,8 +237,9 @@ def aot_specs(
                 "BLOCK_R": "constexpr",
             },
             {"BLOCK_S": cfg.block_s, "BLOCK_R": cfg.block_r},
+            cfg.num_warps,
         ),
-        "exit_tail": (
+        "exit_tail": AotSpec(
             kernels._exit_tail_kernel,
             {
                 "zbar_ptr": "*fp32",
@@ -249,8 +264,9 @@ def aot_specs(
                 "BLOCK_C": "constexpr",
             },
             {"BLOCK_N": cfg.block_n, "BLOCK_R": cfg.block_r, "BLOCK_K": cfg.block_k, "BLOCK_C": cfg.block_c},
+            cfg.tail_warps,
         ),
-        "compact_plan": (
+        "compact_plan": AotSpec(
             kernels._compact_plan_kernel,
             {
                 "keep_ptr": "*i8",
@@ -264,8 +280,9 @@ def aot_specs(
                 "BLOCK_S": "constexpr",
             },
             {"TRIM": trim, "BLOCK_N": COMPACT_BLOCK_N, "BLOCK_S": COMPACT_BLOCK_S},
+            4,
         ),
-        "compact_gather": (
+        "compact_gather": AotSpec(
             kernels._compact_gather_kernel,
             {
                 "hidden_ptr": f"*{t}",
@@ -281,15 +298,21 @@ def aot_specs(
                 "BLOCK": "constexpr",
             },
             {"BLOCK": GATHER_BLOCK},
+            4,
         ),
     }
 
 
-def aot_compile(kernel, signature: dict[str, str], constexprs: dict[str, object], capability: int, num_warps: int = 4):
+def aot_compile(spec: AotSpec, capability: int):
     """Compiles a Triton kernel for ``sm_<capability>`` without a GPU; returns the compiled kernel
     (``.asm['ptx']``, ``.asm['cubin']``, ``.n_regs``, ``.n_spills`` where the backend fills them)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(kernel, signature, constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    if interpreted():
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 turns the kernels into interpreter objects that cannot be compiled; "
+            "run `python -m fastbert_kernels.ops.triton_aot` (it unsets the variable in a subprocess)"
+        )
+    source = ASTSource(spec.kernel, spec.signature, spec.constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": spec.num_warps})

@@ -1,0 +1,298 @@
+"""Accuracy, exits, FLOPs and wall-clock of a patched model against the unpatched Hugging Face
+model, measured in the same process and run; speed calibration from a validation set.
+
+The baseline is the model's own class ``forward`` (``type(model).forward``): exactly the unpatched
+Hugging Face forward on the same weights, with no copy of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import flops
+from .architectures import architecture_for
+from .encoder import all_layer_states, embed, layer_mask, run_layer
+from .modeling import fastbert_config, students, teacher_logits
+from .ops.reference import normalized_entropy
+
+Batch = dict[str, torch.Tensor]
+
+
+def make_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, device) -> list[Batch]:
+    """Tokenised once, in order, so that tokenisation is never timed."""
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        batches.append({k: v.to(device) for k, v in encoded.items()})
+    return batches
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """(result, seconds) of ``fn``; on CUDA timed with events after a synchronisation."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        result = fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return result, start.elapsed_time(end) / 1000.0
+    begin = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - begin
+
+
+@torch.no_grad()
+def hf_predict(model, batches: list[Batch]) -> torch.Tensor:
+    """Logits of the unpatched Hugging Face forward (the class's own method)."""
+    forward = type(model).forward
+    return torch.cat([forward(model, **b).logits.float() for b in batches])
+
+
+@torch.no_grad()
+def fastbert_predict(model, batches: list[Batch], speed: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, layers = [], []
+    for b in batches:
+        out = model(**b, speed=speed)
+        logits.append(out.logits)
+        layers.append(out.exit_layer)
+    return torch.cat(logits), torch.cat(layers)
+
+
+@torch.no_grad()
+def static_depth_predict(model, batches: list[Batch], depth: int) -> torch.Tensor:
+    """The first ``depth`` layers and the classifier after them (a student, or the teacher at L):
+    what a statically smaller distilled model trades."""
+    arch = architecture_for(model)
+    layers = arch.layers(model)
+    outputs = []
+    for b in batches:
+        inputs = embed(model, arch, b["input_ids"], b.get("attention_mask"), b.get("token_type_ids"))
+        hidden, attention = inputs.hidden, layer_mask(model.config, inputs.hidden, inputs.mask)
+        for layer in layers[:depth]:
+            hidden = run_layer(layer, hidden, attention)
+        if depth == len(layers):
+            outputs.append(teacher_logits(model, arch, hidden, inputs.mask).float())
+        else:
+            outputs.append(students(model)[depth - 1](hidden, inputs.mask).float())
+    return torch.cat(outputs)
+
+
+@dataclasses.dataclass
+class ExitProfile:
+    """Every classifier's prediction and uncertainty for every sample, from one full pass:
+    ``uncertainty [N, L]`` and ``prediction [N, L]`` (column L-1 is the teacher), ``lengths [N]``
+    real tokens, ``padded [N]`` the padded length of the batch each sample ran in.
+
+    Because exits are decided per sample, the exit layer at any speed follows exactly:
+    the first layer whose student has ``u < speed``, else L (see :meth:`exit_layers`).
+    """
+
+    uncertainty: torch.Tensor
+    prediction: torch.Tensor
+    lengths: torch.Tensor
+    padded: torch.Tensor
+
+    def exit_layers(self, speed: float) -> torch.Tensor:
+        num_layers = self.prediction.shape[1]
+        below = self.uncertainty[:, :-1] < speed
+        first = torch.where(
+            below.any(1), below.float().argmax(1) + 1, torch.full_like(below[:, 0], num_layers, dtype=torch.int64)
+        )
+        return first.long()
+
+    def predictions(self, speed: float) -> torch.Tensor:
+        layer = self.exit_layers(speed)
+        return self.prediction.gather(1, (layer - 1)[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def exit_profile(model, batches: list[Batch], temperature: float = 1.0) -> ExitProfile:
+    """One full pass with every branch evaluated (reference math). ``temperature`` divides the
+    students' logits before the entropy, to measure what sharpening does with many classes."""
+    arch = architecture_for(model)
+    us, preds, lengths, padded = [], [], [], []
+    for b in batches:
+        inputs = embed(model, arch, b["input_ids"], b.get("attention_mask"), b.get("token_type_ids"))
+        states = all_layer_states(model, arch, inputs)
+        logits = [s(states[i], inputs.mask).float() / temperature for i, s in enumerate(students(model))]
+        logits.append(teacher_logits(model, arch, states[-1], inputs.mask).float())
+        us.append(torch.stack([normalized_entropy(x) for x in logits], 1).cpu())
+        preds.append(torch.stack([x.argmax(-1) for x in logits], 1).cpu())
+        lengths.append(inputs.mask.sum(1).cpu())
+        padded.append(torch.full((inputs.mask.shape[0],), inputs.mask.shape[1]))
+    return ExitProfile(torch.cat(us), torch.cat(preds), torch.cat(lengths), torch.cat(padded))
+
+
+def flops_speedup(model, exit_layers: torch.Tensor, seq_lengths: torch.Tensor, branches: bool = True) -> float:
+    """Full model FLOPs / adaptive FLOPs, each sample at ``seq_lengths`` tokens (paper accounting);
+    ``branches=False`` for speed 0, where no branch runs."""
+    c = model.config
+    width = fastbert_config(model).branch_size
+    full = adapt = 0.0
+    for layer, seq in zip(exit_layers.tolist(), seq_lengths.tolist(), strict=True):
+        full += flops.model_flops(c.num_hidden_layers, c.hidden_size, c.intermediate_size, seq, c.num_labels)
+        adapt += flops.adaptive_flops(
+            layer, c.num_hidden_layers, c.hidden_size, c.intermediate_size, seq, c.num_labels, width, branches
+        )
+    return full / adapt
+
+
+def choose_speed(
+    profile: ExitProfile,
+    labels: torch.Tensor,
+    model,
+    max_accuracy_drop: float | None = None,
+    min_speedup: float | None = None,
+    speeds: Sequence[float] | None = None,
+) -> tuple[float, dict[str, float]]:
+    """Picks ``speed`` on a validation set, from its :class:`ExitProfile`:
+
+    * ``max_accuracy_drop=d``: the largest speed whose accuracy is at least teacher accuracy - d;
+    * ``min_speedup=s``: the smallest speed whose ideal speed-up (layer and branch work, FLOPs at the
+      real lengths) reaches s.
+    Returns the speed and its accuracy / speed-up. Raises if no speed meets the target.
+    """
+    if (max_accuracy_drop is None) == (min_speedup is None):
+        raise ValueError("give exactly one of max_accuracy_drop or min_speedup")
+    speeds = sorted(speeds if speeds is not None else [i / 200 for i in range(201)])
+    labels = labels.cpu()
+    teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean())
+    table = []
+    for speed in speeds:
+        accuracy = float((profile.predictions(speed) == labels).float().mean())
+        table.append((speed, accuracy, flops_speedup(model, profile.exit_layers(speed), profile.lengths)))
+    if max_accuracy_drop is not None:
+        ok = [row for row in table if row[1] >= teacher_accuracy - max_accuracy_drop]
+        chosen = max(ok, key=lambda row: row[0])
+    else:
+        ok = [row for row in table if row[2] >= min_speedup]
+        if not ok:
+            best = max(row[2] for row in table)
+            raise ValueError(f"no speed reaches a {min_speedup}x speed-up on this data (best {best:.2f}x)")
+        chosen = min(ok, key=lambda row: row[0])
+    return chosen[0], {"accuracy": chosen[1], "speedup": chosen[2], "teacher_accuracy": teacher_accuracy}
+
+
+@dataclasses.dataclass
+class BenchRow:
+    """One method at one batch size. Speed-ups are against the unpatched model in the same run."""
+
+    method: str  # "huggingface", "fastbert" or "static"
+    setting: float  # speed for fastbert, depth for static, 0 for huggingface
+    batch_size: int
+    samples: int
+    accuracy: float
+    mean_exit_layer: float
+    flops_speedup: float
+    ideal_speedup: float
+    seconds: float
+    baseline_seconds: float
+
+    @property
+    def wallclock_speedup(self) -> float:
+        return self.baseline_seconds / self.seconds
+
+    @property
+    def efficiency(self) -> float:
+        return self.wallclock_speedup / self.ideal_speedup
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "wallclock_speedup": self.wallclock_speedup, "efficiency": self.efficiency}
+
+
+def benchmark(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    speeds: Sequence[float],
+    batch_size: int,
+    max_length: int = 128,
+    static_depths: Sequence[int] = (),
+    repeats: int = 3,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Times the unpatched model, the patched model at each speed and the static-depth baselines on
+    the same tokenised batches. Each method runs ``repeats`` times, interleaved with the unpatched
+    model, and the minimum of each is kept (the least-disturbed run), so that drifts in machine
+    load hit both sides of every ratio."""
+    device = next(model.parameters()).device
+    model.eval()
+    batches = make_batches(tokenizer, texts, batch_size, max_length, device)
+    label_tensor = torch.tensor(list(labels))
+    num_layers = model.config.num_hidden_layers
+    lengths = torch.cat([b["attention_mask"].sum(1).cpu() for b in batches])
+    padded = torch.cat([torch.full((b["input_ids"].shape[0],), b["input_ids"].shape[1]) for b in batches])
+
+    methods: list[tuple[str, float, Callable[[], tuple[torch.Tensor, torch.Tensor]]]] = []
+    full_depth = torch.full((len(texts),), num_layers)
+    methods.append(("huggingface", 0.0, lambda: (hf_predict(model, batches), full_depth)))
+    for speed in speeds:
+        methods.append(("fastbert", speed, lambda s=speed: fastbert_predict(model, batches, s)))
+    for depth in static_depths:
+        methods.append(
+            (
+                "static",
+                float(depth),
+                lambda d=depth: (static_depth_predict(model, batches, d), torch.full((len(texts),), d)),
+            )
+        )
+
+    fastbert_predict(model, batches[:1], max(speeds) if speeds else 0.0)  # warm-up: allocator, kernels
+    hf_predict(model, batches[:1])
+    best: dict[int, float] = {}
+    baseline: list[float] = []
+    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    bar = tqdm(total=repeats * len(methods), desc=f"timing at batch {batch_size}", disable=not progress)
+    for _ in range(repeats):
+        for index, (_, _, run) in enumerate(methods):
+            if index % 4 == 0:  # the baseline, interleaved through the run
+                baseline.append(timed(lambda: hf_predict(model, batches), device)[1])
+            result, seconds = timed(run, device)
+            results[index] = result
+            best[index] = min(best.get(index, float("inf")), seconds)
+            bar.update(1)
+    bar.close()
+    base = min([*baseline, best[0]])
+    rows = []
+    for index, (method, setting, _) in enumerate(methods):
+        logits, exit_layers = results[index]
+        exit_layers = exit_layers.cpu()
+        mean_layer = float(exit_layers.float().mean())
+        if method == "static":  # k layers and one branch: counted as layer work only
+            speedups = (num_layers / mean_layer, num_layers / mean_layer)
+        else:  # branches run only at speed > 0; the unpatched model runs none
+            with_branches = method == "fastbert" and setting > 0
+            speedups = tuple(flops_speedup(model, exit_layers, s, with_branches) for s in (lengths, padded))
+        rows.append(
+            BenchRow(
+                method=method,
+                setting=setting,
+                batch_size=batch_size,
+                samples=len(texts),
+                accuracy=float((logits.argmax(-1).cpu() == label_tensor).float().mean()),
+                mean_exit_layer=mean_layer,
+                flops_speedup=speedups[0],
+                ideal_speedup=speedups[1],
+                seconds=best[index],
+                baseline_seconds=base,
+            )
+        )
+    return rows

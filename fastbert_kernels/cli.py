@@ -164,7 +164,7 @@ def _plot(rows, path: Path, title: str) -> None:
                 [r.wallclock_speedup for r in fast],
                 [100 * r.accuracy for r in fast],
                 marker=marker,
-                label=f"FastBERT, batch {batch_size} (speed 0 ... {fast[-1].setting:g})",
+                label=f"FastBERT, batch {batch_size}, {fast[0].samples} test texts, speed 0 ... {fast[-1].setting:g}",
             )
     static = [r for r in rows if r.method == "static" and r.batch_size == 64]
     if static:

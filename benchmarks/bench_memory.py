@@ -1,0 +1,85 @@
+"""Peak memory of one forward at batch 64: unpatched model vs the patched model at several speeds.
+
+    python benchmarks/bench_memory.py [--model packaged|tiny] [--seq 128]
+
+Each configuration runs in a fresh subprocess, so peaks do not mix: on CPU the peak resident set
+(ru_maxrss) minus the resident set before the forward; on CUDA torch.cuda.max_memory_allocated.
+Compaction must not keep full-size tensors alive, so adaptive peaks should not exceed the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, torch
+import fastbert_kernels as fbk
+from fastbert_kernels.data import packaged_model_dir
+from transformers import AutoModelForSequenceClassification
+method, speed, seq, batch = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+model = AutoModelForSequenceClassification.from_pretrained(str(packaged_model_dir()), num_labels=2).eval().to(device)
+if method == "fastbert":
+    fbk.patch(model)
+    with torch.no_grad():  # students that exit at every layer, so that compaction happens
+        for branch in fbk.students(model):
+            for p in branch.parameters():
+                p.normal_(0, 2.0 / p.shape[-1] ** 0.5)
+ids = torch.randint(1000, 30000, (batch, seq), device=device)
+lengths = torch.randint(seq // 4, seq + 1, (batch,), device=device)
+mask = (torch.arange(seq, device=device)[None] < lengths[:, None]).long()
+forward = (lambda: model(input_ids=ids, attention_mask=mask, speed=speed)) if method == "fastbert" else (
+    lambda: type(model).forward(model, input_ids=ids, attention_mask=mask))
+with torch.no_grad():
+    forward()  # warm-up: one-time allocations are not what is measured
+    if device == "cuda":
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = forward()
+    if device == "cuda":
+        torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+layers = out.exit_layer.float().mean().item() if method == "fastbert" else model.config.num_hidden_layers
+print(json.dumps({"method": method, "speed": speed, "peak_bytes": peak, "mean_exit_layer": layers, "device": device}))
+"""
+
+
+def measure(method: str, speed: float, seq: int, batch: int) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, method, str(speed), str(seq), str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    rows = [measure("huggingface", 0.0, args.seq, args.batch)]
+    rows += [measure("fastbert", s, args.seq, args.batch) for s in (0.0, 0.3, 0.6, 0.9)]
+    base = rows[0]["peak_bytes"]
+    print(
+        f"peak memory above the loaded model, one forward, batch {args.batch}, sequence {args.seq}, "
+        f"{rows[0]['device']} (growth of the peak resident set on CPU; peak allocated on CUDA)"
+    )
+    for r in rows:
+        ratio = r["peak_bytes"] / base if base else float("nan")
+        print(
+            f"{r['method']:<12} speed {r['speed']:.1f}  mean exit layer {r['mean_exit_layer']:.2f}  "
+            f"peak {r['peak_bytes'] / 2**20:8.1f} MiB  ({ratio:.2f}x the unpatched model)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

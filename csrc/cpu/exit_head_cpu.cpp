@@ -28,14 +28,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
   if (n == 0) return {logits, uncertainty, exits};
   TORCH_CHECK(s > 0, "hidden has an empty sequence axis");
 
-  // z = tanh(x W_in^T + b_in) for every token: the only O(S * H * R) work. The GEMM (bias fused)
-  // goes to BLAS in hidden's dtype, tanh to ATen's vectorised kernel; both parallel.
-  at::Tensor projected = at::addmm(w.b_in.to(hidden.scalar_type()), hidden.view({n * s, h}), w.w_in.t());
+  // z = tanh(x W_in^T + b_in) is the only O(S * H * R) work, so it runs only on the tokens that
+  // need it: the real ones, and token 0 whatever its mask (the CLS query). Each row's tokens end
+  // up contiguous, in order, at row_start[row]; the GEMM (bias fused) goes to BLAS in hidden's
+  // dtype and tanh to ATen's vectorised kernel.
+  at::Tensor needed = mask.ne(0);
+  needed.select(1, 0).fill_(true);
+  const at::Tensor row_count = needed.sum(1);
+  const at::Tensor row_start = (row_count.cumsum(0) - row_count).contiguous();
+  const int64_t total = row_count.sum().item<int64_t>();
+  at::Tensor tokens = hidden.view({n * s, h});
+  if (total < n * s) tokens = tokens.index_select(0, needed.view(-1).nonzero().view(-1));
+  at::Tensor projected = at::addmm(w.b_in.to(hidden.scalar_type()), tokens, w.w_in.t());
   projected = projected.to(at::kFloat).contiguous();
   projected.tanh_();
 
   const float* a_all = projected.data_ptr<float>();
   const int64_t* mask_all = mask.data_ptr<int64_t>();
+  const int64_t* start_all = row_start.data_ptr<int64_t>();
+  const int64_t* count_all = row_count.data_ptr<int64_t>();
   const float* w_qk = w.w_qk.data_ptr<float>();
   const float* b_qk = w.b_qk.data_ptr<float>();
   const float* w_ov = w.w_ov.data_ptr<float>();
@@ -52,8 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(qk_width), pooled_in(qk_width), out(r), pooled(r), row_logits(c);
     for (int64_t row = begin; row < end; ++row) {
-      const float* a = a_all + row * s * r;  // z for this row's tokens
-      const int64_t* row_mask = mask_all + row * s;
+      const float* a = a_all + start_all[row] * r;  // z of this row's needed tokens, token 0 first
+      const int64_t count = count_all[row];
 
       // q'_j = W_qk,j z_0 + b_qk,j  (the CLS token's query, folded through W_k).
       for (int64_t i = 0; i < qk_width; ++i) query[i] = affine_row(w_qk, b_qk, a, i, r);
@@ -61,8 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
       // zbar_j = softmax-weighted sum of z_s over the unmasked tokens, one pass (online softmax).
       std::fill(pooled_in.begin(), pooled_in.end(), 0.f);
       std::vector<OnlineSoftmax> state(num_heads, online_softmax_start());
-      for (int64_t tok = 0; tok < s; ++tok) {
-        if (row_mask[tok] == 0) continue;
+      // Every needed token is a real key, except token 0 when its own mask is 0 (left padding).
+      for (int64_t tok = mask_all[row * s] == 0 ? 1 : 0; tok < count; ++tok) {
         const float* z = a + tok * r;
         for (int64_t j = 0; j < num_heads; ++j) {
           float old_scale, weight;

@@ -17,12 +17,13 @@ def layer_flops(hidden: int, intermediate: int, seq: int) -> float:
 
 
 def branch_flops(hidden: int, seq: int, classes: int, width: int = 128) -> float:
-    """The paper's branch on one sequence (K, V for every token; it reports 46.1M for BERT-base
-    at 128 tokens). The fused kernels do less: this is the paper's accounting, kept comparable."""
-    per_token = hidden * width + 2 * width * width  # input projection, K and V
-    per_sample = 3 * width * width + width * classes  # Q (CLS), output, pooler; classifier
-    attention = 2 * seq * width  # scores and weighted sum
-    return 2.0 * (seq * per_token + per_sample + attention)
+    """The paper's branch on one sequence, as the paper counts it (a full self-attention: Q, K, V
+    for every token and S x S scores; 46.1M for BERT-base at 128 tokens). The fused kernels do
+    less (one query, no K or V); this keeps FLOPs comparable with the paper's table."""
+    per_token = hidden * width + 3 * width * width  # input projection; Q, K, V
+    attention = 2 * seq * seq * width  # scores and weighted sum, every query
+    per_sample = 2 * width * width + width * classes  # output, pooler (CLS); classifier
+    return 2.0 * (seq * per_token + attention + per_sample)
 
 
 def model_flops(num_layers: int, hidden: int, intermediate: int, seq: int, classes: int) -> float:

@@ -1,0 +1,105 @@
+"""Calibration, FLOPs, data loaders and the command line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_batch, spread_branches, tiny_model
+
+import fastbert_kernels as fbk
+from fastbert_kernels import flops
+from fastbert_kernels.evaluation import choose_speed, exit_profile, flops_speedup
+
+
+def test_flops_match_the_paper():
+    # FASTBERT.md: one BERT-base layer 1809.9M, one branch 46.1M, at sequence 128.
+    assert flops.branch_flops(768, 128, 2) == pytest.approx(46.1e6, rel=0.01)
+    assert flops.layer_flops(768, 3072, 128) == pytest.approx(1809.9e6, rel=0.04)
+    full = flops.model_flops(12, 768, 3072, 128, 2)
+    assert flops.adaptive_flops(12, 12, 768, 3072, 128, 2, branches=False) == pytest.approx(full)
+    assert flops.adaptive_flops(1, 12, 768, 3072, 128, 2) < full / 11
+
+
+def test_exit_profile_predicts_the_real_forward():
+    model = fbk.patch(tiny_model("bert"))
+    spread_branches(model)
+    batches = [random_batch(16, 19) for _ in range(3)]
+    profile = exit_profile(model, batches)
+    with torch.no_grad():
+        for speed in (0.0, 0.3, 0.6, 0.9):
+            real = torch.cat([model(**b, speed=speed).exit_layer for b in batches])
+            predicted = profile.exit_layers(speed)
+            close = (profile.uncertainty[:, :-1] - speed).abs().min(1).values < 1e-4
+            assert torch.equal(real[~close], predicted[~close]), speed
+            logits = torch.cat([model(**b, speed=speed).logits for b in batches])
+            assert torch.equal(logits.argmax(-1)[~close], profile.predictions(speed)[~close])
+
+
+def test_choose_speed_for_accuracy_and_for_speedup():
+    # A branch narrower than the tiny layers, so that early exits save FLOPs at all.
+    model = fbk.patch(tiny_model("bert", hidden=64), branch_size=16)
+    spread_branches(model)
+    batches = [random_batch(32, 15) for _ in range(2)]
+    profile = exit_profile(model, batches)
+    labels = profile.prediction[:, -1].clone()  # the teacher is right by construction
+    speed, stats = choose_speed(profile, labels, model, max_accuracy_drop=0.0)
+    assert stats["teacher_accuracy"] == 1.0 and stats["accuracy"] == 1.0
+    assert (profile.predictions(speed) == labels).all()
+    assert not (profile.predictions(min(1.0, speed + 0.01)) == labels).all() or speed == 1.0
+    fast, fast_stats = choose_speed(profile, labels, model, min_speedup=1.2)
+    assert fast_stats["speedup"] >= 1.2
+    # ... and it is the smallest such speed on the grid.
+    slower = flops_speedup(model, profile.exit_layers(fast - 0.005), profile.lengths) if fast > 0 else 0.0
+    assert slower < 1.2
+    with pytest.raises(ValueError, match="no speed reaches"):
+        choose_speed(profile, labels, model, min_speedup=100.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_speed(profile, labels, model)
+
+
+def test_csv_loader(tmp_path):
+    from fastbert_kernels.data import load_csv, load_dataset
+
+    path = tmp_path / "reviews.csv"
+    rows = [f"text {i},{'good' if i % 3 else 'bad'}" for i in range(50)] + ["text 1,good"]  # one duplicate
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    data = load_csv(path)
+    assert data.label_names == ["bad", "good"]
+    assert len(data.train) + len(data.validation) + len(data.test) == 50
+    assert load_dataset(str(path)).test.texts == data.test.texts  # seeded, so the split is fixed
+    (tmp_path / "bad.csv").write_text("sentence,label\na,b\n")
+    with pytest.raises(ValueError, match="lacks columns"):
+        load_csv(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="unknown data set"):
+        load_dataset("imagenet")
+
+
+def test_packaged_data_and_model_load_offline():
+    pytest.importorskip("pandas")
+    from fastbert_kernels import data
+
+    try:
+        model_dir = data.packaged_model_dir()
+        rotten = data.load_rotten_tomatoes()
+        banking = data.load_banking77()
+    except FileNotFoundError as err:
+        pytest.skip(f"asset packages not installed: {err}")
+    assert (model_dir / "model.safetensors").is_file()
+    assert rotten.label_names == ["fresh", "rotten"]
+    assert 12_500 < len(rotten.train) + len(rotten.validation) + len(rotten.test) < 12_900
+    assert banking.num_labels == 77 and len(banking.train) == 9003 and len(banking.test) == 3080
+
+
+def test_env_command_reports_backends(capsys):
+    from fastbert_kernels.cli import main
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "backend" in out and "reference" in out and "torch" in out
+
+
+def test_cli_rejects_bad_speeds():
+    from fastbert_kernels.cli import main
+
+    with pytest.raises(ValueError, match="speed must be in"):
+        main(["demo", "--speeds", "0.5", "1.5"])

@@ -116,22 +116,27 @@ def _encode(model: nn.Module, batch: Batch) -> EncoderInputs:
     return embed(model, arch, get("input_ids"), get("attention_mask"), get("token_type_ids"))
 
 
-def _distillation_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+def _student_kls(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed KL(p_teacher || p_student_i) over the batch, per student ``[L-1]``, and the batch size.
+    The backbone and the teacher run without gradients: only the students learn from this."""
     arch = architecture_for(model)
     with torch.no_grad():
         inputs = _encode(model, batch)
         states = all_layer_states(model, arch, inputs)
         log_teacher = torch.log_softmax(teacher_logits(model, arch, states[-1], inputs.mask).float(), dim=-1)
-    losses = [
+    kls = [
         F.kl_div(
-            torch.log_softmax(student(states[i], inputs.mask), dim=-1),
-            log_teacher,
-            log_target=True,
-            reduction="batchmean",
+            torch.log_softmax(student(states[i], inputs.mask), dim=-1), log_teacher, log_target=True, reduction="sum"
         )
         for i, student in enumerate(students(model))
     ]
-    return torch.stack(losses).sum()
+    return torch.stack(kls), inputs.hidden.shape[0]
+
+
+def _distillation_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """sum_i KL(p_teacher || p_student_i), each averaged over the batch."""
+    kls, size = _student_kls(model, batch)
+    return kls.sum() / size
 
 
 @torch.no_grad()
@@ -139,23 +144,12 @@ def student_kl(model: nn.Module, data, tokenizer=None, batch_size: int = 64, max
     """Mean KL(p_teacher || p_student_i) per student on ``data`` (texts or batches): ``[L-1]``."""
     was_training = model.training
     model.eval()
-    arch = architecture_for(model)
     source = BatchSource(data, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=False)
     total, count = None, 0
     for batch in source.epoch(0):
-        inputs = _encode(model, batch)
-        states = all_layer_states(model, arch, inputs)
-        log_teacher = torch.log_softmax(teacher_logits(model, arch, states[-1], inputs.mask).float(), dim=-1)
-        per_student = torch.stack(
-            [
-                F.kl_div(
-                    torch.log_softmax(s(states[i], inputs.mask), dim=-1), log_teacher, log_target=True, reduction="sum"
-                )
-                for i, s in enumerate(students(model))
-            ]
-        )
-        total = per_student if total is None else total + per_student
-        count += inputs.hidden.shape[0]
+        kls, size = _student_kls(model, batch)
+        total = kls if total is None else total + kls
+        count += size
     model.train(was_training)
     return total / count
 

@@ -75,6 +75,7 @@ def prepare_model(args: argparse.Namespace, dataset):
 
     base = packaged_model_dir()
     settings = dict(
+        lr=args.lr,
         data=dataset.name,
         epochs=args.epochs,
         distill_epochs=args.distill_epochs,
@@ -114,6 +115,7 @@ def prepare_model(args: argparse.Namespace, dataset):
             tokenizer,
             epochs=args.epochs,
             batch_size=32,
+            lr=args.lr,
             max_length=args.max_length,
             seed=args.seed,
         )
@@ -129,6 +131,7 @@ def prepare_model(args: argparse.Namespace, dataset):
         tokenizer,
         epochs=args.distill_epochs,
         batch_size=32,
+        lr=10 * args.lr,
         max_length=args.max_length,
         seed=args.seed,
     )
@@ -308,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", default="rotten_tomatoes", help="rotten_tomatoes, banking77 or a text,label CSV")
         p.add_argument("--teacher", choices=["model", "branch"], default="model")
         p.add_argument("--epochs", type=int, default=1, help="teacher fine-tuning epochs")
+        p.add_argument("--lr", type=float, default=2e-5, help="fine-tuning learning rate (distillation: 10x)")
         p.add_argument("--distill-epochs", type=int, default=1)
         p.add_argument("--max-train", type=int, default=None, help="use only the first N training texts")
         p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test texts")

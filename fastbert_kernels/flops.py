@@ -26,6 +26,16 @@ def branch_flops(hidden: int, seq: int, classes: int, width: int = 128) -> float
     return 2.0 * (seq * per_token + attention + per_sample)
 
 
+def fused_branch_flops(hidden: int, seq: int, classes: int, width: int = 128, heads: int = 2) -> float:
+    """What the fused exit head computes for one sequence (folded attention, CLS query only): the
+    projection and, per head, a score and a weighted sum per token; then the folded query and
+    output maps, the pooler and the classifier. The ideal speed-up uses this: the work this
+    implementation does, not the paper's accounting."""
+    per_token = hidden * width + heads * 2 * width
+    per_sample = 2 * heads * width * width + width * width + width * classes
+    return 2.0 * (seq * per_token + per_sample)
+
+
 def model_flops(num_layers: int, hidden: int, intermediate: int, seq: int, classes: int) -> float:
     """The unpatched model's encoder layers plus its pooler and classifier (embeddings excluded)."""
     return num_layers * layer_flops(hidden, intermediate, seq) + 2.0 * (hidden * hidden + hidden * classes)

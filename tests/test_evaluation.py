@@ -18,6 +18,10 @@ def test_flops_match_the_paper():
     full = flops.model_flops(12, 768, 3072, 128, 2)
     assert flops.adaptive_flops(12, 12, 768, 3072, 128, 2, branches=False) == pytest.approx(full)
     assert flops.adaptive_flops(1, 12, 768, 3072, 128, 2) < full / 11
+    # The fused exit head does less than the paper's branch (no K, V; one query) but keeps the projection.
+    fused = flops.fused_branch_flops(768, 128, 2)
+    assert 2 * 128 * 768 * 128 < fused < flops.branch_flops(768, 128, 2)
+    assert flops.adaptive_flops(3, 12, 768, 3072, 128, 2, fused=True) < flops.adaptive_flops(3, 12, 768, 3072, 128, 2)
 
 
 def test_exit_profile_predicts_the_real_forward():

@@ -60,7 +60,7 @@ def test_cuda_source_compiles(source, arch, tmp_path):
         [
             "nvcc",
             "-c",
-            "-std=c++17",
+            "-std=c++20",
             f"-arch={arch}",
             "-Werror",
             "all-warnings",

@@ -154,10 +154,12 @@ def _adaptive(model, arch: Architecture, layers, hidden: torch.Tensor, mask: tor
         )
         found = torch.cat([logits, uncertainty[:, None], torch.full_like(uncertainty[:, None], index + 1)], dim=1)
         answers[rows] = torch.where(exits[:, None], found, answers[rows])
+        kept_mask = mask
         hidden, mask, rows = ops.compact(hidden, mask, rows, ~exits, config.trim_sequence)
         if eager and rows.shape[0] == 0:
             break
-        attention = layer_mask(model.config, hidden, mask)
+        if mask is not kept_mask:  # compaction returns its inputs when nobody left and nothing was trimmed
+            attention = layer_mask(model.config, hidden, mask)
     if not eager or rows.shape[0]:
         final = teacher_logits(model, arch, hidden, mask)
         answers[rows, :num_labels] = final.to(torch.float32)

@@ -97,6 +97,8 @@ def test_compact_all_and_none(backend):
     rows = torch.arange(6)
     everyone = BACKENDS[backend].compact(hidden, mask, rows, torch.ones(6, dtype=torch.bool), False)
     assert torch.equal(everyone[0], hidden) and torch.equal(everyone[2], rows)
+    # Nothing changes, so nothing is copied (and the model keeps its layer mask).
+    assert all(o is i for o, i in zip(everyone, (hidden, mask, rows), strict=True))
     nobody = BACKENDS[backend].compact(hidden, mask, rows, torch.zeros(6, dtype=torch.bool), True)
     assert nobody[0].shape[0] == 0 and nobody[2].numel() == 0
 

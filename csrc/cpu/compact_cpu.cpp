@@ -39,6 +39,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_cpu(const at::Tensor& hid
     }
   }
   const int64_t m = static_cast<int64_t>(index.size());
+  // Everyone stays and nothing is trimmed: the inputs are the answer (no copy; the caller also
+  // keeps its layer mask). Only the eager path sees this; the registered op clones aliases.
+  if (m == n && length == s) return {hidden, mask, rows};
 
   auto hidden_out = at::empty({m, length, h}, hidden.options());
   auto mask_out = at::empty({m, length}, mask.options());

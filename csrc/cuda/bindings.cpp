@@ -59,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_cuda(const at::Tensor& hi
   // The one host sync of a layer: the survivors' count and length size the outputs.
   const at::Tensor host_stats = stats.cpu();
   const int64_t m = host_stats[0].item<int64_t>(), length = host_stats[1].item<int64_t>();
+  if (m == n && length == s) return {hidden, mask, rows};  // everyone stays, nothing trimmed: no copy
   auto hidden_out = at::empty({m, length, h}, hidden.options());
   auto mask_out = at::empty({m, length}, mask.options());
   auto rows_out = at::empty({m}, rows.options());

@@ -86,7 +86,8 @@ def compact(
             original batch; keep: ``[N]`` bool, True for rows that continue.
         trim: cut the sequence axis to ``S'`` = the index after the last column any kept row uses.
     Returns:
-        ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]``, ``M = keep.sum()``; bit-exact copies.
+        ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]``, ``M = keep.sum()``; bit-exact copies,
+        or the inputs themselves when every row is kept and nothing is trimmed (no copy).
     """
     _check_hidden_mask(hidden, mask)
     n = hidden.shape[0]

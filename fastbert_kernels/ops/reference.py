@@ -99,11 +99,12 @@ def compact(
         hidden: ``[N, S, H]``; mask: ``[N, S]`` int64; rows: ``[N]`` int64 original row indices;
         keep: ``[N]`` bool, True for survivors; trim: cut S to :func:`trimmed_length` of the kept mask.
     Returns:
-        ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]`` with M = keep.sum(), all contiguous.
+        ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]`` with M = keep.sum(), all contiguous;
+        the inputs themselves when every row is kept and nothing is trimmed.
     """
     index = keep.nonzero().squeeze(1)
+    length = trimmed_length(mask.index_select(0, index)) if trim else mask.shape[1]
+    if index.numel() == keep.numel() and length == mask.shape[1]:
+        return hidden, mask, rows  # everyone stays, nothing trimmed: no copy
     hidden, mask, rows = hidden.index_select(0, index), mask.index_select(0, index), rows.index_select(0, index)
-    if trim:
-        length = trimmed_length(mask)
-        hidden, mask = hidden[:, :length].contiguous(), mask[:, :length].contiguous()
-    return hidden, mask, rows
+    return hidden[:, :length].contiguous(), mask[:, :length].contiguous(), rows

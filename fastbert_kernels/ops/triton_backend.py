@@ -174,6 +174,8 @@ def compact(
         )
     # The one host sync of a layer: the survivors' count and length size the outputs.
     survivors, length = stats.tolist()
+    if survivors == n and length == s:  # everyone stays, nothing trimmed: no copy
+        return hidden, mask, rows
     hidden_out = torch.empty(survivors, length, h, dtype=hidden.dtype, device=hidden.device)
     mask_out = torch.empty(survivors, length, dtype=mask.dtype, device=mask.device)
     rows_out = torch.empty(survivors, dtype=rows.dtype, device=rows.device)

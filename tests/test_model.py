@@ -141,7 +141,11 @@ def test_save_load_round_trip(tmp_path, kind, teacher):
     with torch.no_grad():
         for speed in (0.0, 0.5, 0.9):
             a, b = model(**batch, speed=speed), loaded(**batch, speed=speed)
-            assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_layer, b.exit_layer)
+            # The weights are bit-identical (above); outputs agree to float32 rounding, since BLAS
+            # may take another code path for differently aligned buffers (seen: 1 ulp).
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-6, rtol=1e-6)
+            close_call = (a.uncertainty - speed).abs() < 1e-5
+            assert ((a.exit_layer == b.exit_layer) | close_call).all()
 
 
 def test_saved_checkpoint_still_loads_in_plain_transformers(tmp_path):

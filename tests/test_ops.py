@@ -160,6 +160,25 @@ def test_folded_weights_refold_after_update():
     assert not torch.allclose(before, after)
 
 
+def test_folded_weights_do_not_outlive_their_tensors():
+    import gc
+
+    from fastbert_kernels.ops import folding
+
+    folding.clear()
+    hidden, mask, weights, heads = _inputs(3, 5, 2)
+    ops.exit_head(hidden, mask, weights, heads, 0.5)
+    assert folding.cache_size() == 1
+    # A cache hit needs the same tensor objects: equal values in new tensors are folded anew.
+    copy = type(weights)(*(t.clone() for t in weights))
+    ops.exit_head(hidden, mask, copy, heads, 0.5)
+    assert folding.cache_size() == 2
+    del weights, copy
+    gc.collect()
+    # Entries die with their tensors, so a new tensor at a reused address can never hit them.
+    assert folding.cache_size() == 0
+
+
 def test_opcheck_exit_head():
     hidden, mask, weights, heads = _inputs(5, 7, 3)
     torch.library.opcheck(torch.ops.fastbert.exit_head.default, (hidden, mask, *weights, heads, 0.5))

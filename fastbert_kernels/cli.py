@@ -240,7 +240,8 @@ def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path,
     _print_table(rows)
     # Calibration on the validation split: the largest speed within 1 point of the teacher.
     validation = dataset.validation.head(args.max_test)
-    profile = exit_profile(model, make_batches(tokenizer, validation.texts, 64, args.max_length, device))
+    validation_batches = make_batches(tokenizer, validation.texts, 64, args.max_length, device)
+    profile = exit_profile(model, validation_batches)
     labels = torch.tensor(validation.labels)
     speed, stats = choose_speed(profile, labels, model, max_accuracy_drop=0.01)
     print(
@@ -259,9 +260,7 @@ def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path,
     if dataset.num_labels > 2:
         # Many classes keep the normalised entropy near 1; measure what sharpening the students does.
         for temperature in (1.0, 0.5, 0.25):
-            prof = exit_profile(
-                model, make_batches(tokenizer, validation.texts, 64, args.max_length, device), temperature
-            )
+            prof = profile if temperature == 1.0 else exit_profile(model, validation_batches, temperature)
             try:
                 s, st = choose_speed(prof, labels, model, max_accuracy_drop=0.01)
                 temperatures[temperature] = {"speed": s, **st}

@@ -38,11 +38,6 @@ def make_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: i
     return batches
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
     """(result, seconds) of ``fn``; on CUDA timed with events after a synchronisation."""
     if device.type == "cuda":

@@ -7,6 +7,7 @@ import torch
 from helpers import random_batch, rig_student, spread_branches, tiny_model
 
 import fastbert_kernels as fbk
+from fastbert_kernels.evaluation import exit_profile
 
 KINDS = ["bert", "roberta"]
 
@@ -65,6 +66,19 @@ def test_later_layer_rigged_exits_there(backend):
     assert torch.equal(out.exit_layer, torch.full((5,), 2))
 
 
+def _splitting_speed(first_student_u: torch.Tensor) -> float:
+    """A threshold that sends about half the batch out at layer 1 and the rest later, whatever
+    this run's random weights: the midpoint of the widest gap between sorted uncertainties in
+    the middle half of the batch, so that no sample sits near it."""
+    u = first_student_u.sort().values
+    if u.numel() == 1:
+        return float(u[0]) / 2
+    lo, hi = u.numel() // 4, max(u.numel() // 4 + 1, 3 * u.numel() // 4)
+    gaps = u[lo + 1 : hi + 1] - u[lo:hi]
+    i = lo + int(gaps.argmax())
+    return float(u[i] + u[i + 1]) / 2
+
+
 def _alone(model, batch, i: int, speed: float):
     length = int(batch["attention_mask"][i].sum())
     single = {k: v[i : i + 1, :length] for k, v in batch.items()}
@@ -79,7 +93,7 @@ def test_each_sample_answers_as_if_alone(backend, kind, batch_size):
     batch = random_batch(batch_size, 29, _pad_id(model))
     order = torch.randperm(batch_size)
     shuffled = {k: v[order] for k, v in batch.items()}
-    speed = 0.6
+    speed = _splitting_speed(exit_profile(model, [batch]).uncertainty[:, 0])
     with torch.no_grad():
         out = model(**batch, speed=speed)
         out_shuffled = model(**shuffled, speed=speed)

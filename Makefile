@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup install build test lint demo bench bench-ops bench-e2e env clean
+.PHONY: setup install build test lint demo bench bench-ops bench-e2e env clean gpu-check check-cuda-build
 
 $(VENV)/.requirements: requirements/*.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,37 @@ bench: bench-ops bench-e2e
 
 env: install
 	$(PY) -m fastbert_kernels env
+
+# On a machine with a GPU (no venv, no network: the interpreter found there, with its own CUDA
+# torch): build the extension in place, run the suite on CUDA, time ops and models, count syncs
+# and launches; one report in $$OUT (the device tool's output folder) or benchmarks/results.
+gpu-check:
+	FASTBERT_CUDA_ARCH_LIST="$${FASTBERT_CUDA_ARCH_LIST:-80;90}" MAX_JOBS="$$(nproc)" \
+		$(PYTHON) setup.py -q build_ext --inplace
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py --out "$${OUT:-benchmarks/results}"
+
+# Without a GPU: the pins resolve with the CUDA build of torch (which requires its own triton),
+# and the CUDA extension compiles and links against it with the system nvcc and imports with a
+# clean fallback. A separate venv whose pip ignores this machine's local CPU wheel; the build goes
+# to a scratch folder so the CPU build in fastbert_kernels/ is untouched.
+CUDA_VENV ?= .venv-cuda
+# torch finds the toolkit from CUDA_HOME, else from nvcc's folder; on machines whose nvcc on PATH
+# is a wrapper (here /usr/local/bin/nvcc) that guess is wrong, so default to /usr/local/cuda.
+CUDA_HOME ?= $(shell test -d /usr/local/cuda && echo /usr/local/cuda)
+export CUDA_HOME
+CUDA_PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q
+check-cuda-build:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PIP) install --dry-run --ignore-installed -r requirements/test.txt -r requirements/demo.txt
+	$(CUDA_PIP) install -r requirements/base.txt
+	$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda, torch.__version__; print('torch', torch.__version__)"
+	rm -rf build/cuda-check && mkdir -p build/cuda-check/pkg
+	MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda-check/lib --build-temp build/cuda-check/tmp
+	cp -r fastbert_kernels build/cuda-check/pkg/ && rm -f build/cuda-check/pkg/fastbert_kernels/_C*.so
+	cp build/cuda-check/lib/fastbert_kernels/_C*.so build/cuda-check/pkg/fastbert_kernels/
+	cd build/cuda-check/pkg && ../../../$(CUDA_VENV)/bin/python -c "from fastbert_kernels.ops import compiled, report; \
+		assert compiled.LOAD_ERROR is None and compiled.BUILD_INFO['cuda'], compiled.LOAD_ERROR; \
+		print('CUDA build', compiled.BUILD_INFO); print(report())"
 
 clean:
 	rm -rf build *.egg-info fastbert_kernels/_C*.so $(VENV)/.built

@@ -40,9 +40,18 @@ def extensions() -> list:
                 extra_link_args=["-fopenmp"],
             )
         ]
-    archs = os.environ.get("FASTBERT_CUDA_ARCH_LIST", "80;90").split(";")
+    archs = sorted(
+        {a.strip() for a in os.environ.get("FASTBERT_CUDA_ARCH_LIST", "80;90").split(";") if a.strip()}, key=int
+    )
+    # Machine code for each listed architecture, plus PTX of the newest, which the driver compiles
+    # for any later GPU (Blackwell and beyond) instead of failing with "no kernel image".
     # No --use_fast_math: expf/logf feed the exit decision, which should match the CPU build.
-    nvcc = ["-O3", "-std=c++20", *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs)]
+    nvcc = [
+        "-O3",
+        "-std=c++20",
+        *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs),
+        f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}",
+    ]
     sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
     sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cpp"))]
     return [
@@ -50,7 +59,8 @@ def extensions() -> list:
             "fastbert_kernels._C",
             sources,
             include_dirs=include_dirs,
-            define_macros=[("FASTBERT_WITH_CUDA", None)],
+            # The architectures go into the binary so that availability can check the device.
+            define_macros=[("FASTBERT_WITH_CUDA", None), ("FASTBERT_CUDA_ARCHS", f'"{";".join(archs)}"')],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )

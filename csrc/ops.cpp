@@ -26,7 +26,9 @@ TORCH_LIBRARY(fastbert_C, m) {
       "exit_head_folded(Tensor hidden, Tensor mask, Tensor w_in, Tensor b_in, Tensor w_qk, Tensor b_qk, "
       "Tensor w_ov, Tensor b_ov, Tensor w_pool, Tensor b_pool, Tensor w_cls, Tensor b_cls, int num_heads, "
       "float speed) -> (Tensor logits, Tensor uncertainty, Tensor exits)");
-  m.def("compact(Tensor hidden, Tensor mask, Tensor rows, Tensor keep, bool trim) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "compact(Tensor hidden, Tensor mask, Tensor rows, Tensor keep, bool trim) -> (Tensor hidden, Tensor mask, "
+      "Tensor rows, bool padded)");
 }
 
 TORCH_LIBRARY_IMPL(fastbert_C, CPU, m) {
@@ -52,10 +54,14 @@ static PyObject* build_info(PyObject*, PyObject*) {
 #endif
 #ifdef FASTBERT_WITH_CUDA
   const int cuda = 1;
+  // Compute capabilities with machine code; the last also has PTX (setup.py).
+  const char* cuda_archs = FASTBERT_CUDA_ARCHS;
 #else
   const int cuda = 0;
+  const char* cuda_archs = "";
 #endif
-  return Py_BuildValue("{s:O,s:O}", "openmp", openmp ? Py_True : Py_False, "cuda", cuda ? Py_True : Py_False);
+  return Py_BuildValue("{s:O,s:O,s:s}", "openmp", openmp ? Py_True : Py_False, "cuda", cuda ? Py_True : Py_False,
+                       "cuda_archs", cuda_archs);
 }
 
 static PyMethodDef methods[] = {{"build_info", build_info, METH_NOARGS, "What this build contains."},

@@ -13,14 +13,17 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from .architectures import Architecture
+from .ops.sync_counter import host_read
 
 
 @dataclasses.dataclass
 class EncoderInputs:
-    """Embedded inputs ready for layer 1: hidden ``[B, S, H]`` and mask ``[B, S]`` int64 (1 = token)."""
+    """Embedded inputs ready for layer 1: hidden ``[B, S, H]`` and mask ``[B, S]`` int64 (1 = token);
+    padded: whether any token is masked (None when unknown, under torch.compile)."""
 
     hidden: torch.Tensor
     mask: torch.Tensor
+    padded: bool | None = None
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -78,21 +81,37 @@ def embed(
         if extra is not None and (extra.shape != shape or extra.device != device):
             raise ValueError(f"{name} must be {tuple(shape)} on {device}, got {tuple(extra.shape)} on {extra.device}")
     mask = normalize_attention_mask(attention_mask, shape, device)
-    # A data-dependent check: eager only (a compiled graph cannot branch on tensor values).
-    if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
-        empty_rows = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
-        raise ValueError(f"attention_mask rows {empty_rows[:10]} have no tokens; every sample needs one")
+    padded = None
+    # Data-dependent checks, eager only (a compiled graph cannot branch on tensor values). Both
+    # facts come back in one host read: on a GPU, this forward's only sync outside compaction.
+    if not torch.compiler.is_compiling():
+        every_row_has_a_token, padded = host_read(torch.stack([mask.any(dim=1).all(), (mask == 0).any()]))
+        if not every_row_has_a_token:
+            empty_rows = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+            raise ValueError(f"attention_mask rows {empty_rows[:10]} have no tokens; every sample needs one")
     hidden = arch.base_model(model).embeddings(
         input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
     )
-    return EncoderInputs(hidden, mask)
+    return EncoderInputs(hidden, mask, padded)
 
 
-def layer_mask(config, hidden: torch.Tensor, mask: torch.Tensor):
+def layer_mask(config, hidden: torch.Tensor, mask: torch.Tensor, padded: bool | None = None):
     """The mask the layers expect for the configured attention backend, built by transformers itself
     (sdpa: bool ``[B,1,S,S]`` or None; eager: additive float). A bool mask under eager is silently
-    wrong, so it is never built by hand; rebuild after every compaction."""
-    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+    wrong, so it is never built by hand; rebuild after every compaction.
+
+    ``padded`` is whether any token of ``mask`` is masked, when the caller already knows it (the
+    input check and compaction compute it): transformers would otherwise find out with
+    ``mask.all()``, a device-to-host sync on a GPU. Without padding its answer is "no mask" (None)
+    for every backend, and with padding it materialises the mask, so both are asked for directly.
+    """
+    if padded is None:
+        return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+    if not padded:
+        return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=None)
+    return create_bidirectional_mask(
+        config=config, inputs_embeds=hidden, attention_mask=mask, allow_is_bidirectional_skip=False
+    )
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
@@ -104,7 +123,7 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, attention: torch.Tensor | 
 def all_layer_states(model: nn.Module, arch: Architecture, inputs: EncoderInputs) -> list[torch.Tensor]:
     """Hidden states after every layer ``[L]`` x ``[B, S, H]``, with no exits (training, evaluation)."""
     hidden, states = inputs.hidden, []
-    attention = layer_mask(model.config, hidden, inputs.mask)
+    attention = layer_mask(model.config, hidden, inputs.mask, inputs.padded)
     for layer in arch.layers(model):
         hidden = run_layer(layer, hidden, attention)
         states.append(hidden)

@@ -79,7 +79,7 @@ def static_depth_predict(model, batches: list[Batch], depth: int) -> torch.Tenso
     outputs = []
     for b in batches:
         inputs = embed(model, arch, b["input_ids"], b.get("attention_mask"), b.get("token_type_ids"))
-        hidden, attention = inputs.hidden, layer_mask(model.config, inputs.hidden, inputs.mask)
+        hidden, attention = inputs.hidden, layer_mask(model.config, inputs.hidden, inputs.mask, inputs.padded)
         for layer in layers[:depth]:
             hidden = run_layer(layer, hidden, attention)
         if depth == len(layers):

@@ -24,7 +24,7 @@ from . import ops
 from .architectures import Architecture, architecture_for
 from .branch import BranchClassifier
 from .config import FastBertConfig, check_speed
-from .encoder import embed, layer_mask, run_layer
+from .encoder import EncoderInputs, embed, layer_mask, run_layer
 from .ops.reference import normalized_entropy
 
 BRANCHES_ATTR = "fastbert_branches"
@@ -108,9 +108,9 @@ def adaptive_forward(
     layers = arch.layers(self)
     inputs = embed(self, arch, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
     if speed == 0.0:
-        out_logits, out_layer, out_uncertainty = _full_depth(self, arch, layers, inputs.hidden, inputs.mask)
+        out_logits, out_layer, out_uncertainty = _full_depth(self, arch, layers, inputs)
     else:
-        out_logits, out_layer, out_uncertainty = _adaptive(self, arch, layers, inputs.hidden, inputs.mask, speed)
+        out_logits, out_layer, out_uncertainty = _adaptive(self, arch, layers, inputs, speed)
     loss = None
     if labels is not None:
         loss = nn.functional.cross_entropy(out_logits, labels.to(out_logits.device))
@@ -119,9 +119,10 @@ def adaptive_forward(
     return output if use_dict else output.to_tuple()
 
 
-def _full_depth(model, arch: Architecture, layers, hidden: torch.Tensor, mask: torch.Tensor):
+def _full_depth(model, arch: Architecture, layers, inputs: EncoderInputs):
     """Speed 0: exactly the unpatched computation (no branch, no compaction, no bookkeeping)."""
-    attention = layer_mask(model.config, hidden, mask)
+    hidden, mask = inputs.hidden, inputs.mask
+    attention = layer_mask(model.config, hidden, mask, inputs.padded)
     for layer in layers:
         hidden = run_layer(layer, hidden, attention)
     logits = teacher_logits(model, arch, hidden, mask)
@@ -129,9 +130,14 @@ def _full_depth(model, arch: Architecture, layers, hidden: torch.Tensor, mask: t
     return logits.to(torch.float32), exit_layer, normalized_entropy(logits)
 
 
-def _adaptive(model, arch: Architecture, layers, hidden: torch.Tensor, mask: torch.Tensor, speed: float):
-    """Layers with exits; returns logits ``[B, C]``, exit layer ``[B]`` and uncertainty ``[B]``."""
+def _adaptive(model, arch: Architecture, layers, inputs: EncoderInputs, speed: float):
+    """Layers with exits; returns logits ``[B, C]``, exit layer ``[B]`` and uncertainty ``[B]``.
+
+    Host syncs: one per forward (the input check) and one per layer that runs a branch (inside
+    compaction, for the survivors' count, length and padding); the mask is rebuilt from what
+    compaction reports, without transformers' own padding check."""
     config = fastbert_config(model)
+    hidden, mask = inputs.hidden, inputs.mask
     num_layers, batch, device = len(layers), hidden.shape[0], hidden.device
     num_labels = model.config.num_labels
     rows = torch.arange(batch, device=device)
@@ -144,7 +150,7 @@ def _adaptive(model, arch: Architecture, layers, hidden: torch.Tensor, mask: tor
     # The survivors' count is data-dependent: eager stops as soon as nobody is left; a compiled
     # graph cannot branch on it and runs the remaining layers on an empty batch instead.
     eager = not torch.compiler.is_compiling()
-    attention = layer_mask(model.config, hidden, mask)
+    attention = layer_mask(model.config, hidden, mask, inputs.padded)
     for index, layer in enumerate(layers):
         hidden = run_layer(layer, hidden, attention)
         if index == num_layers - 1:
@@ -154,12 +160,12 @@ def _adaptive(model, arch: Architecture, layers, hidden: torch.Tensor, mask: tor
         )
         found = torch.cat([logits, uncertainty[:, None], torch.full_like(uncertainty[:, None], index + 1)], dim=1)
         answers[rows] = torch.where(exits[:, None], found, answers[rows])
-        kept_mask = mask
-        hidden, mask, rows = ops.compact(hidden, mask, rows, ~exits, config.trim_sequence)
+        kept = ops.compact(hidden, mask, rows, ~exits, config.trim_sequence)
+        hidden, mask, rows = kept.hidden, kept.mask, kept.rows
         if eager and rows.shape[0] == 0:
             break
-        if mask is not kept_mask:  # compaction returns its inputs when nobody left and nothing was trimmed
-            attention = layer_mask(model.config, hidden, mask)
+        if kept.changed:  # otherwise nobody left, nothing was trimmed, and the layer mask still holds
+            attention = layer_mask(model.config, hidden, mask, kept.padded)
     if not eager or rows.shape[0]:
         final = teacher_logits(model, arch, hidden, mask)
         answers[rows, :num_labels] = final.to(torch.float32)

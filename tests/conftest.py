@@ -33,12 +33,33 @@ def _seed(request):
     return seed
 
 
-def available_backends() -> list[str]:
-    return [name for name, backend in BACKENDS.items() if backend.available()[0] and "cpu" in backend.devices()]
+# Every device this machine has: on a GPU machine the same command checks every backend on CUDA too.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
-@pytest.fixture(params=available_backends())
-def backend(request, monkeypatch):
-    """Forces each backend that can run on CPU here, through the environment variable users set."""
-    monkeypatch.setenv(ENV_VAR, request.param)
+def backend_cases() -> list[tuple[str, str]]:
+    """(backend, device) for every available backend on every device it runs on here."""
+    return [
+        (name, device)
+        for device in DEVICES
+        for name, backend in BACKENDS.items()
+        if backend.available()[0] and device in backend.devices()
+    ]
+
+
+@pytest.fixture(params=backend_cases(), ids=lambda case: f"{case[0]}-{case[1]}")
+def backend_case(request, monkeypatch) -> tuple[str, str]:
+    """Forces each backend, through the environment variable users set, on each device it runs on."""
+    monkeypatch.setenv(ENV_VAR, request.param[0])
     return request.param
+
+
+@pytest.fixture
+def backend(backend_case) -> str:
+    return backend_case[0]
+
+
+@pytest.fixture
+def device(backend_case) -> torch.device:
+    """The device the forced backend is tested on: tests put their tensors and models there."""
+    return torch.device(backend_case[1])

@@ -12,7 +12,9 @@ VOCAB = 97
 MAX_POSITIONS = 64
 
 
-def tiny_model(kind: str = "bert", attn: str = "sdpa", num_labels: int = 3, layers: int = 4, hidden: int = 32):
+def tiny_model(
+    kind: str = "bert", attn: str = "sdpa", num_labels: int = 3, layers: int = 4, hidden: int = 32, device="cpu"
+):
     common = dict(
         vocab_size=VOCAB,
         hidden_size=hidden,
@@ -35,16 +37,18 @@ def tiny_model(kind: str = "bert", attn: str = "sdpa", num_labels: int = 3, laye
     with torch.no_grad():
         for p in model.classifier.parameters():
             p.normal_(0, 0.5)
-    return model.eval()
+    return model.to(device).eval()
 
 
-def random_batch(batch: int, length: int, pad_id: int = 0, min_length: int = 1) -> dict[str, torch.Tensor]:
+def random_batch(
+    batch: int, length: int, pad_id: int = 0, min_length: int = 1, device="cpu"
+) -> dict[str, torch.Tensor]:
     """Token ids with a random real length per row (right padding), attention mask 1 for real tokens."""
     ids = torch.randint(2, VOCAB, (batch, length))
     lengths = torch.randint(min_length, length + 1, (batch,))
     mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def spread_branches(model, scale: float = 2.0) -> None:

@@ -18,18 +18,19 @@ HIDDEN = 48  # not a power of two on purpose
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
-def _inputs(n: int, s: int, c: int, dtype=torch.float32, r: int = 32, heads: int = 2):
+def _inputs(n: int, s: int, c: int, dtype=torch.float32, r: int = 32, heads: int = 2, device="cpu"):
     hidden = torch.randn(n, s, HIDDEN).to(dtype)
     lengths = torch.randint(1, s + 1, (n,))
     mask = (torch.arange(s)[None, :] < lengths[:, None]).long()
     # Left-padded rows too: the CLS token is then masked as a key, which the math must handle.
     left = torch.rand(n) < 0.25
     mask[left] = mask[left].flip(1)
-    return hidden, mask, random_branch_weights(HIDDEN, r, c, dtype), heads
+    weights = random_branch_weights(HIDDEN, r, c, dtype)
+    return hidden.to(device), mask.to(device), type(weights)(*(t.to(device) for t in weights)), heads
 
 
-def _compare_exit_head(name: str, n: int, s: int, c: int, dtype: torch.dtype) -> None:
-    hidden, mask, weights, heads = _inputs(n, s, c, dtype)
+def _compare_exit_head(name: str, n: int, s: int, c: int, dtype: torch.dtype, device, r: int = 32) -> None:
+    hidden, mask, weights, heads = _inputs(n, s, c, dtype, r=r, device=device)
     ref_logits, ref_u, _ = reference.exit_head(hidden, mask, weights, heads, 0.5)
     speed = float(ref_u.median()) if n else 0.5  # a threshold that splits the batch
     logits, u, exits = BACKENDS[name].exit_head(hidden, mask, weights, heads, speed)
@@ -45,27 +46,33 @@ def _compare_exit_head(name: str, n: int, s: int, c: int, dtype: torch.dtype) ->
 
 
 @pytest.mark.parametrize("n,s,c", SIZES)
-def test_exit_head_matches_reference(backend, n, s, c):
-    _compare_exit_head(backend, n, s, c, torch.float32)
+def test_exit_head_matches_reference(backend, device, n, s, c):
+    _compare_exit_head(backend, n, s, c, torch.float32, device)
+
+
+@pytest.mark.parametrize("r,c", [(384, 3), (128, 1000), (768, 257)])
+def test_exit_head_wide_branches_and_many_classes(backend, device, r, c):
+    # Widths and class counts whose untiled Triton tail overflowed shared memory on an A100/H100.
+    _compare_exit_head(backend, 5, 4, c, torch.float32, device, r=r)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,s,c", [(7, 33, 3), (1, 1, 77)])
-def test_exit_head_low_precision(backend, dtype, n, s, c):
-    _compare_exit_head(backend, n, s, c, dtype)
+def test_exit_head_low_precision(backend, device, dtype, n, s, c):
+    _compare_exit_head(backend, n, s, c, dtype, device)
 
 
 @pytest.mark.parametrize("r,heads", [(32, 1), (48, 3), (128, 2)])
-def test_exit_head_branch_shapes(backend, r, heads):
-    hidden, mask, _, _ = _inputs(5, 19, 4)
-    weights = random_branch_weights(HIDDEN, r, 4)
+def test_exit_head_branch_shapes(backend, device, r, heads):
+    hidden, mask, _, _ = _inputs(5, 19, 4, device=device)
+    weights = type(w := random_branch_weights(HIDDEN, r, 4))(*(t.to(device) for t in w))
     expected = reference.exit_head(hidden, mask, weights, heads, 0.5)
     got = BACKENDS[backend].exit_head(hidden, mask, weights, heads, 0.5)
     torch.testing.assert_close(got[0], expected[0], atol=2e-4, rtol=2e-4)
 
 
-def test_exit_head_speed_bounds(backend):
-    hidden, mask, weights, heads = _inputs(9, 11, 3)
+def test_exit_head_speed_bounds(backend, device):
+    hidden, mask, weights, heads = _inputs(9, 11, 3, device=device)
     assert not BACKENDS[backend].exit_head(hidden, mask, weights, heads, 0.0)[2].any()  # u >= 0: nobody
     _, u, exits = BACKENDS[backend].exit_head(hidden, mask, weights, heads, 1.0)
     assert torch.equal(exits, u < 1.0)
@@ -74,33 +81,52 @@ def test_exit_head_speed_bounds(backend):
 @pytest.mark.parametrize("n,s", [(0, 4), (1, 1), (7, 128), (129, 9)])
 @pytest.mark.parametrize("trim", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compact_bit_exact(backend, n, s, trim, dtype):
+def test_compact_bit_exact(backend, device, n, s, trim, dtype):
     hidden = torch.randn(n, s, HIDDEN).to(dtype)
     lengths = torch.randint(1, s + 1, (n,))
     mask = (torch.arange(s)[None, :] < lengths[:, None]).long()
+    # Some left-padded rows: padding is then not only at the end of a row.
+    left = torch.rand(n) < 0.25
+    mask[left] = mask[left].flip(1)
     rows = torch.randperm(max(n, 1) * 3)[:n]
     keep = torch.rand(n) < 0.5
+    hidden, mask, rows, keep = (t.to(device) for t in (hidden, mask, rows, keep))
     expected = reference.compact(hidden, mask, rows, keep, trim)
-    got = BACKENDS[backend].compact(hidden, mask, rows, keep, trim)
-    for g, e in zip(got, expected, strict=True):
-        assert g.shape == e.shape and g.dtype == e.dtype
+    *got, padded = BACKENDS[backend].compact(hidden, mask, rows, keep, trim)
+    for g, e in zip(got, expected[:3], strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype and g.device == hidden.device
         assert torch.equal(g, e)
+    kept = keep.nonzero().flatten()
     if n:
-        kept = keep.nonzero().flatten()
         assert torch.equal(got[2], rows[kept])  # order kept, nothing lost or duplicated
         if trim and kept.numel():
-            assert got[0].shape[1] == int(lengths[kept].max())
+            assert got[0].shape[1] == max(int(mask[i].nonzero().max()) + 1 for i in kept.tolist())
+    # padded: some kept row has a masked column within the kept length, computed independently.
+    assert padded == expected[3] == bool((got[1] == 0).any())
 
 
-def test_compact_all_and_none(backend):
-    hidden, mask, _, _ = _inputs(6, 10, 2)
-    rows = torch.arange(6)
-    everyone = BACKENDS[backend].compact(hidden, mask, rows, torch.ones(6, dtype=torch.bool), False)
-    assert torch.equal(everyone[0], hidden) and torch.equal(everyone[2], rows)
+def test_compact_all_and_none(backend, device):
+    hidden, mask, _, _ = _inputs(6, 10, 2, device=device)
+    rows = torch.arange(6, device=device)
+    everyone = ops.compact(hidden, mask, rows, torch.ones(6, dtype=torch.bool, device=device), False)
+    assert torch.equal(everyone.hidden, hidden) and torch.equal(everyone.rows, rows)
     # Nothing changes, so nothing is copied (and the model keeps its layer mask).
-    assert all(o is i for o, i in zip(everyone, (hidden, mask, rows), strict=True))
-    nobody = BACKENDS[backend].compact(hidden, mask, rows, torch.zeros(6, dtype=torch.bool), True)
-    assert nobody[0].shape[0] == 0 and nobody[2].numel() == 0
+    assert not everyone.changed
+    assert all(o is i for o, i in zip(everyone[:3], (hidden, mask, rows), strict=True))
+    nobody = ops.compact(hidden, mask, rows, torch.zeros(6, dtype=torch.bool, device=device), True)
+    assert nobody.changed and nobody.hidden.shape[0] == 0 and nobody.rows.numel() == 0
+    assert nobody.padded is False
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_compact_single_token_sequences(backend, device, trim):
+    # S = 1: Triton specialises an integer argument equal to 1 into a constant (a compile error
+    # in the plan kernel once); the interpreter runs it, the AOT test compiles it.
+    hidden, mask, _, _ = _inputs(5, 1, 2, device=device)
+    keep = torch.tensor([True, False, True, True, False], device=device)
+    out = ops.compact(hidden, mask, torch.arange(5, device=device), keep, trim)
+    assert out.hidden.shape == (3, 1, HIDDEN) and out.padded is False
+    assert torch.equal(out.hidden, hidden[keep])
 
 
 def test_public_ops_check_inputs():
@@ -192,3 +218,17 @@ def test_opcheck_compact():
         (hidden, mask, torch.arange(5), keep, True),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_cuda_build_runs_only_where_it_has_code():
+    """Machine code for sm_XY runs on the same major version with minor >= Y; the newest
+    architecture's PTX runs on anything newer; older GPUs get a clear "unavailable"."""
+    from fastbert_kernels.ops.compiled import runs_on_capability
+
+    archs = [80, 90]
+    assert runs_on_capability((8, 0), archs) and runs_on_capability((8, 6), archs) and runs_on_capability((8, 9), archs)
+    assert runs_on_capability((9, 0), archs)
+    assert runs_on_capability((10, 0), archs) and runs_on_capability((12, 0), archs)  # PTX of sm_90
+    assert not runs_on_capability((7, 5), archs)
+    assert not runs_on_capability((8, 0), [90])
+    assert not runs_on_capability((9, 0), [])

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -12,7 +13,7 @@
 
 namespace fastbert {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_cpu(const at::Tensor& hidden, const at::Tensor& mask,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> compact_cpu(const at::Tensor& hidden, const at::Tensor& mask,
                                                           const at::Tensor& rows, const at::Tensor& keep,
                                                           bool trim) {
   check_hidden_and_mask(hidden, mask);
@@ -22,13 +23,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_cpu(const at::Tensor& hid
   const bool* keep_ptr = keep.data_ptr<bool>();
   const int64_t* mask_ptr = mask.data_ptr<int64_t>();
 
-  // Survivors in input order, and the longest survivor (index after its last used column).
+  // Survivors in input order, the longest survivor (index after its last used column) and the
+  // fewest real tokens of a survivor: fewer than `length` means the survivors still carry padding.
   std::vector<int64_t> index;
   index.reserve(n);
   int64_t length = trim ? 0 : s;
+  int64_t fewest = s;
   for (int64_t i = 0; i < n; ++i) {
     if (!keep_ptr[i]) continue;
     index.push_back(i);
+    int64_t tokens = 0;
+    for (int64_t t = 0; t < s; ++t) tokens += mask_ptr[i * s + t] != 0;
+    fewest = std::min(fewest, tokens);
     if (trim) {
       for (int64_t t = s - 1; t >= length; --t) {
         if (mask_ptr[i * s + t] != 0) {
@@ -39,9 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_cpu(const at::Tensor& hid
     }
   }
   const int64_t m = static_cast<int64_t>(index.size());
+  const bool padded = fewest < length;
   // Everyone stays and nothing is trimmed: the inputs are the answer (no copy; the caller also
   // keeps its layer mask). Only the eager path sees this; the registered op clones aliases.
-  if (m == n && length == s) return {hidden, mask, rows};
+  if (m == n && length == s) return {hidden, mask, rows, padded};
 
   auto hidden_out = at::empty({m, length, h}, hidden.options());
   auto mask_out = at::empty({m, length}, mask.options());
@@ -63,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_cpu(const at::Tensor& hid
       rows_dst[k] = rows_in[i];
     }
   });
-  return {hidden_out, mask_out, rows_out};
+  return {hidden_out, mask_out, rows_out, padded};
 }
 
 }  // namespace fastbert

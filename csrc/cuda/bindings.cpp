@@ -1,7 +1,9 @@
 // Torch binding of the CUDA kernels; compiled only when torch has CUDA (setup.py defines
 // FASTBERT_WITH_CUDA). Checks every input, runs the H -> R projection in cuBLAS, then the launchers.
-#include <ATen/cuda/CUDAContext.h>
+// Only c10's stream and guard headers: ATen/cuda/CUDAContext.h pulls cuBLAS/cuSPARSE/cuSOLVER
+// headers that a plain CUDA toolkit does not have.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/types.h>
 
 #include "fastbert/checks.h"
@@ -22,10 +24,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cuda(const at::Tensor& 
                                                              double speed) {
   check_hidden_and_mask(hidden, mask);
   TORCH_CHECK(hidden.is_cuda(), "exit_head_cuda needs CUDA tensors, got ", hidden.device());
-  TORCH_CHECK(num_heads <= 8, "the CUDA exit head supports at most 8 heads, got ", num_heads);
   const int64_t r = check_folded_weights(hidden, w, num_heads);
-  const at::cuda::CUDAGuard guard(hidden.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t n = hidden.size(0), s = hidden.size(1), h = hidden.size(2), c = w.w_cls.size(0);
+  int shared_limit = 0;
+  check_cuda(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, hidden.get_device()),
+             "cudaDeviceGetAttribute");
+  const size_t shared = fastbert_exit_head_shared_bytes(r, num_heads, c);
+  TORCH_CHECK(shared <= static_cast<size_t>(shared_limit), "the CUDA exit head needs ", shared,
+              " bytes of shared memory for branch width ", r, ", ", num_heads, " heads and ", c,
+              " classes; this GPU allows ", shared_limit, " (use the triton backend, which tiles)");
   auto logits = at::empty({n, c}, hidden.options().dtype(at::kFloat));
   auto uncertainty = at::empty({n}, hidden.options().dtype(at::kFloat));
   auto exits = at::empty({n}, hidden.options().dtype(at::kBool));
@@ -37,29 +45,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cuda(const at::Tensor& 
                                      w.b_pool.data_ptr<float>(), w.w_cls.data_ptr<float>(), w.b_cls.data_ptr<float>(),
                                      static_cast<float>(speed), logits.data_ptr<float>(),
                                      uncertainty.data_ptr<float>(), exits.data_ptr<bool>(),
-                                     at::cuda::getCurrentCUDAStream()),
+                                     c10::cuda::getCurrentCUDAStream()),
              "fastbert_exit_head_rows");
   return {logits, uncertainty, exits};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_cuda(const at::Tensor& hidden, const at::Tensor& mask,
-                                                           const at::Tensor& rows, const at::Tensor& keep,
-                                                           bool trim) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> compact_cuda(const at::Tensor& hidden, const at::Tensor& mask,
+                                                                 const at::Tensor& rows, const at::Tensor& keep,
+                                                                 bool trim) {
   check_hidden_and_mask(hidden, mask);
   check_rows_and_keep(hidden, rows, keep);
   TORCH_CHECK(hidden.is_cuda(), "compact_cuda needs CUDA tensors, got ", hidden.device());
-  const at::cuda::CUDAGuard guard(hidden.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t n = hidden.size(0), s = hidden.size(1), h = hidden.size(2);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   auto index = at::empty({n}, rows.options());
-  auto stats = at::empty({2}, rows.options());
+  auto stats = at::empty({3}, rows.options());
   check_cuda(fastbert_compact_plan(keep.data_ptr<bool>(), mask.data_ptr<int64_t>(), n, s, trim ? 1 : 0,
                                    index.data_ptr<int64_t>(), stats.data_ptr<int64_t>(), stream),
              "fastbert_compact_plan");
-  // The one host sync of a layer: the survivors' count and length size the outputs.
+  // The one host sync of a layer: the survivors' count and length size the outputs, the fewest
+  // real tokens say whether the survivors still need an attention mask.
   const at::Tensor host_stats = stats.cpu();
-  const int64_t m = host_stats[0].item<int64_t>(), length = host_stats[1].item<int64_t>();
-  if (m == n && length == s) return {hidden, mask, rows};  // everyone stays, nothing trimmed: no copy
+  const int64_t* plan = host_stats.data_ptr<int64_t>();
+  const int64_t m = plan[0], length = plan[1];
+  const bool padded = plan[2] < length;
+  if (m == n && length == s) return {hidden, mask, rows, padded};  // everyone stays, nothing trimmed: no copy
   auto hidden_out = at::empty({m, length, h}, hidden.options());
   auto mask_out = at::empty({m, length}, mask.options());
   auto rows_out = at::empty({m}, rows.options());
@@ -68,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compact_cuda(const at::Tensor& hi
                                      hidden_out.data_ptr(), mask_out.data_ptr<int64_t>(), rows_out.data_ptr<int64_t>(),
                                      stream),
              "fastbert_compact_gather");
-  return {hidden_out, mask_out, rows_out};
+  return {hidden_out, mask_out, rows_out, padded};
 }
 
 }  // namespace fastbert

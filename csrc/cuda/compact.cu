@@ -1,6 +1,7 @@
 // Compaction on CUDA: a single-block plan (ordered prefix sum of the keep flags, longest kept
 // row) and a gather that copies each kept row's first `length` tokens with the widest aligned
-// vector type. The caller reads stats once: the one host sync per layer.
+// vector type. The caller reads stats ({kept, length, fewest real tokens}) once: the one host
+// sync per layer.
 #include "launchers.h"
 
 namespace {
@@ -12,9 +13,11 @@ __global__ void compact_plan_kernel(const bool* __restrict__ keep, const int64_t
   __shared__ int64_t scan[kPlanThreads];
   __shared__ int64_t offset;
   __shared__ unsigned long long longest;
+  __shared__ unsigned long long fewest;
   if (threadIdx.x == 0) {
     offset = 0;
     longest = trim ? 0ull : static_cast<unsigned long long>(s);
+    fewest = static_cast<unsigned long long>(s);
   }
   __syncthreads();
   for (int64_t base = 0; base < n; base += kPlanThreads) {
@@ -31,11 +34,15 @@ __global__ void compact_plan_kernel(const bool* __restrict__ keep, const int64_t
     }
     if (flag) {
       index[offset + scan[threadIdx.x] - 1] = i;
-      if (trim) {
-        int64_t t = s;
-        while (t > 0 && mask[i * s + t - 1] == 0) --t;
-        atomicMax(&longest, static_cast<unsigned long long>(t));
+      int64_t last = 0, tokens = 0;
+      for (int64_t t = 0; t < s; ++t) {
+        if (mask[i * s + t] != 0) {
+          last = t + 1;
+          ++tokens;
+        }
       }
+      if (trim) atomicMax(&longest, static_cast<unsigned long long>(last));
+      atomicMin(&fewest, static_cast<unsigned long long>(tokens));
     }
     __syncthreads();
     if (threadIdx.x == kPlanThreads - 1) offset += scan[threadIdx.x];
@@ -44,6 +51,7 @@ __global__ void compact_plan_kernel(const bool* __restrict__ keep, const int64_t
   if (threadIdx.x == 0) {
     stats[0] = offset;
     stats[1] = static_cast<int64_t>(longest);  // s when not trimming, 0 when trimming nobody
+    stats[2] = static_cast<int64_t>(fewest);   // fewer than stats[1]: the survivors carry padding
   }
 }
 

@@ -1,7 +1,9 @@
 // Fused FastBERT exit head on CUDA, after the vendor GEMM's H -> R projection: tanh, the folded
 // CLS-query attention (online softmax, tokens split across warps and merged), the output,
-// pooler and classifier matvecs, softmax, normalised entropy and the exit decision. One block per
-// row; the per-sample arithmetic comes from fastbert/exit_head_math.h, shared with the CPU kernel.
+// pooler and classifier matvecs (a warp per output row, coalesced), softmax, normalised entropy
+// and the exit decision. One block per row: every block reads the folded weights (about
+// 4 R^2 + C R floats, 330 KB at R = 128) from L2, where they stay for the whole launch. The
+// online-softmax arithmetic comes from fastbert/exit_head_math.h, shared with the CPU kernel.
 #include "fastbert/exit_head_math.h"
 #include "launchers.h"
 
@@ -14,6 +16,46 @@ __device__ __forceinline__ float warp_sum(float value) {
   for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
   // Lanes may round differently in the butterfly; take lane 0's value so the warp agrees bit for bit.
   return __shfl_sync(0xffffffffu, value, 0);
+}
+
+__device__ __forceinline__ float warp_max(float value) {
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
+// y = W x + b for W row-major [rows, cols], x in shared memory: one warp per output row, its lanes
+// walking the row together, so every weight load is coalesced (32 consecutive floats a step).
+__device__ __forceinline__ void warp_affine(const float* __restrict__ w, const float* __restrict__ b,
+                                            const float* x, int64_t rows, int64_t cols, bool apply_tanh,
+                                            float* y, float* y_global = nullptr) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t i = warp; i < rows; i += kWarps) {
+    float partial = 0.f;
+    for (int64_t k = lane; k < cols; k += 32) partial += w[i * cols + k] * x[k];
+    const float value = warp_sum(partial) + b[i];
+    if (lane == 0) {
+      y[i] = apply_tanh ? tanhf(value) : value;
+      if (y_global != nullptr) y_global[i] = y[i];
+    }
+  }
+}
+
+// u = -sum p log p / log C over `c` logits in shared memory, by one warp (the same formula as
+// fastbert::normalized_entropy, with the sums split across lanes).
+__device__ __forceinline__ float warp_normalized_entropy(const float* logits, int64_t c) {
+  const int lane = threadIdx.x % 32;
+  float top = -INFINITY;
+  for (int64_t i = lane; i < c; i += 32) top = fmaxf(top, logits[i]);
+  top = __shfl_sync(0xffffffffu, warp_max(top), 0);
+  float sum = 0.f;
+  for (int64_t i = lane; i < c; i += 32) sum += expf(logits[i] - top);
+  const float log_sum = logf(warp_sum(sum));
+  float entropy = 0.f;
+  for (int64_t i = lane; i < c; i += 32) {
+    const float log_p = logits[i] - top - log_sum;
+    entropy -= expf(log_p) * log_p;
+  }
+  return warp_sum(entropy) / logf(static_cast<float>(c));
 }
 
 __global__ void exit_head_rows_kernel(const float* __restrict__ projected, const int64_t* __restrict__ mask,
@@ -42,16 +84,21 @@ __global__ void exit_head_rows_kernel(const float* __restrict__ projected, const
 
   // q'_j = W_qk,j z_0 + b_qk,j from the CLS token.
   for (int64_t k = threadIdx.x; k < r; k += kThreads) z[k] = tanhf(a[k] + b_in[k]);
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < qk; i += kThreads) query[i] = fastbert::affine_row(w_qk, b_qk, z, i, r);
   for (int64_t i = threadIdx.x; i < kWarps * qk; i += kThreads) acc[i] = 0.f;
+  for (int64_t i = threadIdx.x; i < kWarps * num_heads; i += kThreads) {
+    state[2 * i] = -INFINITY;
+    state[2 * i + 1] = 0.f;
+  }
+  __syncthreads();
+  warp_affine(w_qk, b_qk, z, qk, r, false, query);
   __syncthreads();
 
-  // Each warp runs an online softmax over tokens warp, warp + kWarps, ...
+  // Each warp runs an online softmax over tokens warp, warp + kWarps, ... Its states live in
+  // shared memory (not a per-thread array indexed at run time, which would go to local memory):
+  // every lane computes the same update from the same score, lane 0 stores it.
   float* my_z = z + warp * r;
   float* my_acc = acc + warp * qk;
-  fastbert::OnlineSoftmax my_state[8];  // num_heads <= 8, checked by the launcher
-  for (int64_t j = 0; j < num_heads; ++j) my_state[j] = fastbert::online_softmax_start();
+  float* my_state = state + warp * num_heads * 2;
   for (int64_t tok = warp; tok < s; tok += kWarps) {
     if (row_mask[tok] == 0) continue;  // uniform across the warp
     for (int64_t k = lane; k < r; k += 32) my_z[k] = tanhf(a[tok * r + k] + b_in[k]);
@@ -59,16 +106,16 @@ __global__ void exit_head_rows_kernel(const float* __restrict__ projected, const
     for (int64_t j = 0; j < num_heads; ++j) {
       float partial = 0.f;
       for (int64_t k = lane; k < r; k += 32) partial += query[j * r + k] * my_z[k];
+      fastbert::OnlineSoftmax head{my_state[2 * j], my_state[2 * j + 1]};
       float old_scale, weight;
-      fastbert::online_softmax_update(my_state[j], warp_sum(partial), &old_scale, &weight);
+      fastbert::online_softmax_update(head, warp_sum(partial), &old_scale, &weight);
       for (int64_t k = lane; k < r; k += 32) my_acc[j * r + k] = my_acc[j * r + k] * old_scale + weight * my_z[k];
-    }
-    __syncwarp();
-  }
-  if (lane == 0) {
-    for (int64_t j = 0; j < num_heads; ++j) {
-      state[(warp * num_heads + j) * 2] = my_state[j].max;
-      state[(warp * num_heads + j) * 2 + 1] = my_state[j].denominator;
+      __syncwarp();
+      if (lane == 0) {
+        my_state[2 * j] = head.max;
+        my_state[2 * j + 1] = head.denominator;
+      }
+      __syncwarp();
     }
   }
   __syncthreads();
@@ -87,19 +134,18 @@ __global__ void exit_head_rows_kernel(const float* __restrict__ projected, const
     zbar[i] = value / merged.denominator;
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < r; i += kThreads) out[i] = fastbert::affine_row(w_ov, b_ov, zbar, i, qk);
+  warp_affine(w_ov, b_ov, zbar, r, qk, false, out);
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < r; i += kThreads) pooled[i] = tanhf(fastbert::affine_row(w_pool, b_pool, out, i, r));
+  warp_affine(w_pool, b_pool, out, r, r, true, pooled);
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < c; i += kThreads) {
-    row_logits[i] = fastbert::affine_row(w_cls, b_cls, pooled, i, r);
-    logits[row * c + i] = row_logits[i];
-  }
+  warp_affine(w_cls, b_cls, pooled, c, r, false, row_logits, logits + row * c);
   __syncthreads();
-  if (threadIdx.x == 0) {
-    const float u = fastbert::normalized_entropy(row_logits, c);
-    uncertainty[row] = u;
-    exits[row] = fastbert::should_exit(u, speed);
+  if (warp == 0) {
+    const float u = warp_normalized_entropy(row_logits, c);
+    if (lane == 0) {
+      uncertainty[row] = u;
+      exits[row] = fastbert::should_exit(u, speed);
+    }
   }
 }
 
@@ -117,7 +163,7 @@ extern "C" cudaError_t fastbert_exit_head_rows(const float* projected, const int
                                                const float* w_cls, const float* b_cls, float speed, float* logits,
                                                float* uncertainty, bool* exits, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (num_heads < 1 || num_heads > 8 || s < 1 || r < 1 || c < 2) return cudaErrorInvalidValue;
+  if (num_heads < 1 || s < 1 || r < 1 || c < 2) return cudaErrorInvalidValue;
   const size_t shared = fastbert_exit_head_shared_bytes(r, num_heads, c);
   if (shared > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(exit_head_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -22,8 +22,9 @@ cudaError_t fastbert_exit_head_rows(const float* projected, const int64_t* mask,
 // Bytes of dynamic shared memory fastbert_exit_head_rows needs for these sizes.
 size_t fastbert_exit_head_shared_bytes(int64_t r, int64_t num_heads, int64_t c);
 
-// Plans a compaction: index[0:count] = kept rows in order; stats = {count, length}, where length
-// is the index after the last used mask column of any kept row (s when trim is 0).
+// Plans a compaction: index[0:count] = kept rows in order; stats = {count, length, fewest}, where
+// length is the index after the last used mask column of any kept row (s when trim is 0) and
+// fewest the fewest real tokens of a kept row (s when none is kept); stats has 3 elements.
 cudaError_t fastbert_compact_plan(const bool* keep, const int64_t* mask, int64_t n, int64_t s, int trim,
                                   int64_t* index, int64_t* stats, cudaStream_t stream);
 

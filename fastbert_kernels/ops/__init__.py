@@ -15,13 +15,14 @@ import torch
 
 from . import custom_ops  # noqa: F401  (registers the torch ops)
 from .backends import BACKENDS, ENV_VAR, BackendUnavailableError, report, select_backend
-from .types import BranchWeights, FoldedWeights
+from .types import BranchWeights, Compacted, FoldedWeights
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "BackendUnavailableError",
     "BranchWeights",
+    "Compacted",
     "FoldedWeights",
     "compact",
     "exit_head",
@@ -78,7 +79,7 @@ def exit_head(
 
 def compact(
     hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, trim: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Compacted:
     """Gather the kept rows of every per-sample tensor into dense tensors, in input order.
 
     Args:
@@ -86,8 +87,10 @@ def compact(
             original batch; keep: ``[N]`` bool, True for rows that continue.
         trim: cut the sequence axis to ``S'`` = the index after the last column any kept row uses.
     Returns:
-        ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]``, ``M = keep.sum()``; bit-exact copies,
-        or the inputs themselves when every row is kept and nothing is trimmed (no copy).
+        :class:`Compacted`: ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]``, ``M = keep.sum()``,
+        bit-exact copies (or the inputs themselves when nothing changes, with ``changed`` False), and
+        ``padded``: whether a kept row has masked columns within ``S'`` (None under torch.compile,
+        where it is not computed). On a GPU this costs one device-to-host sync, for M, S' and padded.
     """
     _check_hidden_mask(hidden, mask)
     n = hidden.shape[0]
@@ -99,5 +102,7 @@ def compact(
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     if torch.compiler.is_compiling():
-        return torch.ops.fastbert.compact(hidden, mask, rows, keep, trim)
-    return select_backend(hidden.device).compact(hidden, mask, rows, keep, trim)
+        out_hidden, out_mask, out_rows = torch.ops.fastbert.compact(hidden, mask, rows, keep, trim)
+        return Compacted(out_hidden, out_mask, out_rows, padded=None, changed=True)
+    out_hidden, out_mask, out_rows, padded = select_backend(hidden.device).compact(hidden, mask, rows, keep, trim)
+    return Compacted(out_hidden, out_mask, out_rows, padded=padded, changed=out_hidden.shape != hidden.shape)

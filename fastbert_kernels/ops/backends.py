@@ -24,8 +24,10 @@ ENV_VAR = "FASTBERT_KERNELS_BACKEND"
 ExitHeadFn = Callable[
     [torch.Tensor, torch.Tensor, BranchWeights, int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ]
+# hidden, mask, rows, keep, trim -> kept hidden, mask, rows and whether they still carry padding.
 CompactFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool],
 ]
 
 

@@ -26,6 +26,23 @@ def cpu_available() -> tuple[bool, str]:
     return True, "C++ extension" + (" with OpenMP" if BUILD_INFO.get("openmp") else " WITHOUT OpenMP (one thread)")
 
 
+def built_architectures() -> list[int]:
+    """Compute capabilities (e.g. 80, 90) the CUDA kernels carry machine code for; the last also
+    carries PTX, which the driver compiles for any newer GPU."""
+    return [int(a) for a in BUILD_INFO.get("cuda_archs", "").split(";") if a]
+
+
+def runs_on_capability(capability: tuple[int, int], archs: list[int]) -> bool:
+    """Whether a build for ``archs`` runs on a GPU of ``capability`` (major, minor): machine code for
+    sm_XY runs on the same major with minor >= Y; the newest architecture's PTX runs on anything newer."""
+    major, minor = capability
+    if not archs:
+        return False
+    if any(a // 10 == major and a % 10 <= minor for a in archs):
+        return True
+    return major * 10 + minor >= archs[-1]
+
+
 def cuda_available() -> tuple[bool, str]:
     if LOAD_ERROR is not None:
         return False, LOAD_ERROR
@@ -33,7 +50,14 @@ def cuda_available() -> tuple[bool, str]:
         return False, "the C++ extension was built without CUDA (torch has no CUDA, or FASTBERT_SKIP_CUDA=1)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    return True, "CUDA extension"
+    archs = built_architectures()
+    capability = torch.cuda.get_device_capability()
+    if not runs_on_capability(capability, archs):
+        return False, (
+            f"the CUDA kernels were built for sm_{archs} but this GPU is sm_{capability[0]}{capability[1]}; "
+            "rebuild with FASTBERT_CUDA_ARCH_LIST including it"
+        )
+    return True, f"CUDA extension (sm_{'/'.join(map(str, archs))}, PTX for newer)"
 
 
 def exit_head(
@@ -45,7 +69,7 @@ def exit_head(
 
 def compact(
     hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, trim: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     return torch.ops.fastbert_C.compact(
         hidden.contiguous(), mask.contiguous(), rows.contiguous(), keep.contiguous(), trim
     )

@@ -48,7 +48,7 @@ def _exit_head_fake(
 
 @torch.library.custom_op("fastbert::compact", mutates_args=())
 def compact(hidden: Tensor, mask: Tensor, rows: Tensor, keep: Tensor, trim: bool) -> tuple[Tensor, Tensor, Tensor]:
-    out = select_backend(hidden.device).compact(hidden, mask, rows, keep, trim)
+    out = select_backend(hidden.device).compact(hidden, mask, rows, keep, trim)[:3]
     # Backends hand back their inputs when nothing changes; a registered op must not alias them.
     return tuple(o.clone() if o is i else o for o, i in zip(out, (hidden, mask, rows), strict=True))
 

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .sync_counter import host_read
 from .types import BranchWeights
 
 
@@ -78,33 +79,38 @@ def exit_head(
     return logits, uncertainty, uncertainty < speed
 
 
-def trimmed_length(mask: torch.Tensor) -> int:
-    """Index after the last column of ``mask [N, S]`` that any row uses (0 for no rows)."""
-    if mask.shape[0] == 0 or mask.shape[1] == 0:
-        return 0
-    columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-    return int(((mask != 0) * columns).amax())
-
-
 def compact(
     hidden: torch.Tensor,
     mask: torch.Tensor,
     rows: torch.Tensor,
     keep: torch.Tensor,
     trim: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Gather the kept rows of every per-sample tensor, in order; optionally trim the sequence axis.
 
     Args:
         hidden: ``[N, S, H]``; mask: ``[N, S]`` int64; rows: ``[N]`` int64 original row indices;
-        keep: ``[N]`` bool, True for survivors; trim: cut S to :func:`trimmed_length` of the kept mask.
+        keep: ``[N]`` bool, True for survivors; trim: cut S to S' = the index after the last column
+        that any kept row uses.
     Returns:
-        ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]`` with M = keep.sum(), all contiguous;
-        the inputs themselves when every row is kept and nothing is trimmed.
+        ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]`` with M = keep.sum(), all contiguous
+        (the inputs themselves when every row is kept and nothing is trimmed), and ``padded``: whether
+        some kept row has a masked column within the first S' (then the layers need a mask).
     """
-    index = keep.nonzero().squeeze(1)
-    length = trimmed_length(mask.index_select(0, index)) if trim else mask.shape[1]
-    if index.numel() == keep.numel() and length == mask.shape[1]:
-        return hidden, mask, rows  # everyone stays, nothing trimmed: no copy
+    n, s = mask.shape
+    if n == 0:  # nobody to keep: the trimmed length is 0
+        length = 0 if trim else s
+        return hidden[:, :length].contiguous(), mask[:, :length].contiguous(), rows, False
+    real = mask != 0
+    last_used = (real * torch.arange(1, s + 1, device=mask.device)).amax(dim=1)  # [N]
+    length = torch.where(keep, last_used, 0).amax() if trim else torch.tensor(s, device=mask.device)
+    fewest = torch.where(keep, real.sum(dim=1), s).amin()
+    # One host read for the three numbers that size the outputs (one device sync on a GPU).
+    survivors, length, fewest = host_read(torch.stack([keep.sum(), length, fewest]))
+    padded = fewest < length
+    if survivors == n and length == s:
+        return hidden, mask, rows, padded  # everyone stays, nothing trimmed: no copy
+    # A stable sort puts the kept rows first, in their order, without nonzero()'s own sync.
+    index = torch.argsort(~keep, stable=True)[:survivors]
     hidden, mask, rows = hidden.index_select(0, index), mask.index_select(0, index), rows.index_select(0, index)
-    return hidden[:, :length].contiguous(), mask[:, :length].contiguous(), rows
+    return hidden[:, :length].contiguous(), mask[:, :length].contiguous(), rows, padded

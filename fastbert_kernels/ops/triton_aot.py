@@ -19,8 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-CAPABILITIES = (80, 90)
+# sm_80 (A100), sm_90 (H100/H200), sm_100 (B200): the GPUs these kernels are meant for.
+CAPABILITIES = (80, 90, 100)
 DTYPES = ("float32", "bfloat16")
+# Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_LIMIT_BYTES = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+# Branch widths and class counts the kernels must serve: the paper's 128 and up to BERT-base's
+# hidden size 768, from 2 classes to 1,000.
+SIZE_GRID = ((128, 2), (128, 1000), (384, 77), (768, 257), (768, 1000))
 
 
 def _ptxas(capability: int) -> str | None:
@@ -61,32 +67,61 @@ def _ptxas_usage(ptx: str, capability: int) -> dict[str, int | None]:
     }
 
 
+def _compile_row(name: str, spec, capability: int, with_ptxas: bool, **extra) -> dict:
+    from . import triton_backend
+
+    compiled = triton_backend.aot_compile(spec, capability)
+    ptx = compiled.asm["ptx"]
+    fn = spec.kernel
+    usage = _ptxas_usage(ptx, capability) if with_ptxas else {}
+    return {
+        "kernel": name,
+        "function": fn.__name__,
+        "capability": capability,
+        "num_warps": spec.num_warps,
+        "ptx_target_ok": f".target sm_{capability}" in ptx and fn.__name__ in ptx,
+        "cubin_bytes": len(compiled.asm["cubin"]),
+        "shared_bytes": int(compiled.metadata.shared),
+        "shared_limit": SHARED_LIMIT_BYTES[capability],
+        **usage,
+        **extra,
+    }
+
+
 def compile_all(r: int = 128, c: int = 77) -> list[dict]:
-    """Compiles every kernel for every capability and dtype in this process (no interpreter)."""
+    """Compiles every kernel in this process (no interpreter), in three sets of rows:
+
+    * ``paper``: branch width ``r``, ``c`` classes, every dtype and capability, with ptxas
+      registers and spills;
+    * ``grid``: every (R, C) of :data:`SIZE_GRID` in bfloat16, for shared memory against each
+      capability's limit;
+    * ``ones``: each integer parameter of each kernel compiled at the value 1 (as Triton's JIT
+      specialises it), for sm_90.
+    """
     import torch
 
     from . import triton_backend
 
     rows = []
     for dtype_name in DTYPES:
-        dtype = getattr(torch, dtype_name)
-        for name, spec in triton_backend.aot_specs(dtype=dtype, r=r, c=c).items():
-            fn = spec.kernel
+        for name, spec in triton_backend.aot_specs(dtype=getattr(torch, dtype_name), r=r, c=c).items():
             for capability in CAPABILITIES:
-                compiled = triton_backend.aot_compile(spec, capability)
-                ptx = compiled.asm["ptx"]
+                rows.append(_compile_row(name, spec, capability, True, set="paper", dtype=dtype_name, r=r, c=c))
+    for grid_r, grid_c in SIZE_GRID:
+        for name, spec in triton_backend.aot_specs(dtype=torch.bfloat16, r=grid_r, c=grid_c).items():
+            for capability in CAPABILITIES:
                 rows.append(
-                    {
-                        "kernel": name,
-                        "function": fn.__name__,
-                        "dtype": dtype_name,
-                        "capability": capability,
-                        "num_warps": spec.num_warps,
-                        "ptx_target_ok": f".target sm_{capability}" in ptx and fn.__name__ in ptx,
-                        "cubin_bytes": len(compiled.asm["cubin"]),
-                        **_ptxas_usage(ptx, capability),
-                    }
+                    _compile_row(name, spec, capability, False, set="grid", dtype="bfloat16", r=grid_r, c=grid_c)
                 )
+    for trim in (True, False):
+        specs = triton_backend.aot_specs(dtype=torch.float32, r=r, c=c, trim=trim)
+        for name, spec in specs.items():
+            if name == "compact_plan" or trim:  # only the plan kernel depends on trim
+                for parameter in triton_backend.integer_parameters(spec):
+                    one = triton_backend.respecialize(spec, frozenset({parameter}))
+                    rows.append(
+                        _compile_row(name, one, 90, False, set="ones", dtype="float32", one=parameter, trim=trim)
+                    )
     return rows
 
 
@@ -118,10 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     for row in rows:
-        print(
-            f"{row['kernel']:15s} {row['dtype']:9s} sm_{row['capability']}  registers {row['registers']!s:>4}  "
-            f"spills {row['spill_stores']}/{row['spill_loads']} B  cubin {row['cubin_bytes']} B"
-        )
+        if row["set"] == "paper":
+            print(
+                f"{row['kernel']:15s} {row['dtype']:9s} sm_{row['capability']:<3}  registers "
+                f"{row['registers']!s:>4}  spills {row['spill_stores']}/{row['spill_loads']} B  "
+                f"shared {row['shared_bytes']} B  cubin {row['cubin_bytes']} B"
+            )
+    worst = max((r for r in rows if r["set"] == "grid"), key=lambda r: r["shared_bytes"] / r["shared_limit"])
+    print(
+        f"largest shared memory over R x C = {list(SIZE_GRID)}: {worst['shared_bytes']} B "
+        f"({worst['kernel']}, R={worst['r']}, C={worst['c']}, sm_{worst['capability']} allows {worst['shared_limit']})"
+    )
+    print(f"{sum(r['set'] == 'ones' for r in rows)} compilations with an integer argument at 1: all compiled")
     return 0
 
 

@@ -3,14 +3,18 @@ ahead-of-time compilation for GPUs this machine does not have."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
 from . import folding
+from .sync_counter import count_triton_launch, host_read
 from .types import BranchWeights
 
 try:
@@ -49,31 +53,23 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ExitHeadConfig:
-    """Tile sizes of the exit-head kernels for branch width R, heads*R = QK and C classes."""
+    """Tile sizes of the exit-head kernels for branch width R (the tail's tiles do not depend on
+    R or C: it loops over both, so shared memory stays bounded for any width and class count)."""
 
     block_r: int
     block_o: int
     block_s: int
-    block_n: int
-    block_k: int
-    block_c: int
+    block_n: int = 16  # tl.dot needs M >= 16
+    block_j: int = 64
+    block_k: int = 32
     num_warps: int = 4
-    # The tail holds [BLOCK_N, BLOCK_R] and [BLOCK_N, BLOCK_C] accumulators plus weight tiles:
-    # at 4 warps ptxas needs 255 registers and spills on sm_90, at 8 it does not.
-    tail_warps: int = 8
+    tail_warps: int = 4
 
     @classmethod
-    def for_sizes(cls, r: int, c: int) -> ExitHeadConfig:
+    def for_width(cls, r: int) -> ExitHeadConfig:
         block_r = _pow2(r)
         # Keep every [rows, BLOCK_R] register tile at <= 4096 float32 (32 registers a thread at 4 warps).
-        return cls(
-            block_r=block_r,
-            block_o=max(16, 4096 // block_r),
-            block_s=max(1, 4096 // block_r),
-            block_n=16,
-            block_k=32,
-            block_c=_pow2(c),
-        )
+        return cls(block_r=block_r, block_o=max(1, 4096 // block_r), block_s=max(1, 4096 // block_r))
 
 
 # The plan kernel scans a [BLOCK_N, BLOCK_S] int64 tile of the mask: 128 x 16 keeps it in
@@ -83,6 +79,46 @@ COMPACT_BLOCK_S = 16
 GATHER_BLOCK = 1024
 
 
+class Launch(NamedTuple):
+    """One kernel launch as the host code below makes it: what AOT compilation replays."""
+
+    kernel: object
+    args: tuple
+    constexprs: dict[str, object]
+    num_warps: int
+
+
+_recorded: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar("fastbert_triton_record", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Within this block the launchers record their launches instead of running them (the
+    outputs stay uninitialised): :func:`aot_specs` derives every kernel's signature from them."""
+    launches: list[Launch] = []
+    token = _recorded.set(launches)
+    try:
+        yield launches
+    finally:
+        _recorded.reset(token)
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the *current* CUDA device and its stream; a tensor on cuda:1 needs that
+    device made current for the launch (the CUDA binding does the same with a CUDAGuard)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(kernel, grid: tuple[int, ...], device: torch.device, *args, num_warps: int, **constexprs) -> None:
+    launches = _recorded.get()
+    if launches is not None:
+        launches.append(Launch(kernel, args, constexprs, num_warps))
+        return
+    count_triton_launch()
+    with device_guard(device):
+        kernel[grid](*args, num_warps=num_warps, **constexprs)
+
+
 def exit_head(
     hidden: torch.Tensor, mask: torch.Tensor, weights: BranchWeights, num_heads: int, speed: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,17 +126,23 @@ def exit_head(
     n, s, h = hidden.shape
     r, c = w.b_in.shape[0], w.b_cls.shape[0]
     qk = num_heads * r
-    logits = torch.empty(n, c, dtype=torch.float32, device=hidden.device)
-    uncertainty = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    exits = torch.empty(n, dtype=torch.bool, device=hidden.device)
+    device = hidden.device
+    logits = torch.empty(n, c, dtype=torch.float32, device=device)
+    uncertainty = torch.empty(n, dtype=torch.float32, device=device)
+    exits = torch.empty(n, dtype=torch.bool, device=device)
     if n == 0:
         return logits, uncertainty, exits
-    cfg = ExitHeadConfig.for_sizes(r, c)
+    cfg = ExitHeadConfig.for_width(r)
     projected = hidden.reshape(n * s, h) @ w.w_in.T  # the vendor GEMM, in hidden's dtype
     mask = mask.contiguous()
-    query = torch.empty(n, qk, dtype=torch.float32, device=hidden.device)
-    zbar = torch.empty(n, qk, dtype=torch.float32, device=hidden.device)
-    kernels._cls_query_kernel[(n, triton.cdiv(qk, cfg.block_o))](
+    # One allocation for the per-row intermediates: query [QK] | zbar [QK] | out [R] | pooled [R].
+    scratch = torch.empty(n, 2 * qk + 2 * r, dtype=torch.float32, device=device)
+    query, zbar, tail = scratch[:, :qk], scratch[:, qk : 2 * qk], scratch[:, 2 * qk :]
+    stride = scratch.stride(0)
+    _launch(
+        kernels._cls_query_kernel,
+        (n, triton.cdiv(qk, cfg.block_o)),
+        device,
         projected,
         w.b_in,
         w.w_qk,
@@ -109,11 +151,15 @@ def exit_head(
         s,
         r,
         qk,
+        stride,
         BLOCK_R=cfg.block_r,
         BLOCK_O=cfg.block_o,
         num_warps=cfg.num_warps,
     )
-    kernels._cls_attention_kernel[(n, num_heads)](
+    _launch(
+        kernels._cls_attention_kernel,
+        (n, num_heads),
+        device,
         projected,
         mask,
         w.b_in,
@@ -121,12 +167,15 @@ def exit_head(
         zbar,
         s,
         r,
-        qk,
+        stride,
         BLOCK_S=cfg.block_s,
         BLOCK_R=cfg.block_r,
         num_warps=cfg.num_warps,
     )
-    kernels._exit_tail_kernel[(triton.cdiv(n, cfg.block_n),)](
+    _launch(
+        kernels._exit_tail_kernel,
+        (triton.cdiv(n, cfg.block_n),),
+        device,
         zbar,
         w.w_ov,
         w.b_ov,
@@ -134,6 +183,7 @@ def exit_head(
         w.b_pool,
         w.w_cls,
         w.b_cls,
+        tail,
         logits,
         uncertainty,
         exits.view(torch.int8),
@@ -141,55 +191,98 @@ def exit_head(
         r,
         qk,
         c,
+        stride,
         math.log(c),
         float(speed),
         BLOCK_N=cfg.block_n,
-        BLOCK_R=cfg.block_r,
+        BLOCK_J=cfg.block_j,
         BLOCK_K=cfg.block_k,
-        BLOCK_C=cfg.block_c,
         num_warps=cfg.tail_warps,
     )
     return logits, uncertainty, exits
 
 
-def compact(
-    hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, trim: bool
+def _plan(mask: torch.Tensor, keep: torch.Tensor, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the plan kernel: ``index [N]`` (kept rows first, in order) and ``stats [3]``."""
+    n, s = mask.shape
+    index = torch.empty(n, dtype=torch.int64, device=mask.device)
+    stats = torch.empty(3, dtype=torch.int64, device=mask.device)
+    _launch(
+        kernels._compact_plan_kernel,
+        (1,),
+        mask.device,
+        keep.view(torch.int8),
+        mask,
+        index,
+        stats,
+        n,
+        s,
+        TRIM=trim,
+        BLOCK_N=COMPACT_BLOCK_N,
+        BLOCK_S=COMPACT_BLOCK_S,
+        num_warps=4,
+    )
+    return index, stats
+
+
+def _gather(
+    hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, survivors: int, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    hidden, mask, rows, keep = hidden.contiguous(), mask.contiguous(), rows.contiguous(), keep.contiguous()
-    n, s, h = hidden.shape
-    index = torch.empty(n, dtype=torch.int64, device=hidden.device)
-    # Without a kernel launch (no rows) the result is empty with the untrimmed length when not trimming.
-    stats = torch.tensor([0, 0 if trim else s], dtype=torch.int64, device=hidden.device)
-    if n:
-        kernels._compact_plan_kernel[(1,)](
-            keep.view(torch.int8),
-            mask,
-            index,
-            stats,
-            n,
-            s,
-            TRIM=trim,
-            BLOCK_N=COMPACT_BLOCK_N,
-            BLOCK_S=COMPACT_BLOCK_S,
-        )
-    # The one host sync of a layer: the survivors' count and length size the outputs.
-    survivors, length = stats.tolist()
-    if survivors == n and length == s:  # everyone stays, nothing trimmed: no copy
-        return hidden, mask, rows
+    """Launches the gather kernel: the first ``survivors`` rows of ``index``, cut to ``length`` tokens."""
+    _, s, h = hidden.shape
     hidden_out = torch.empty(survivors, length, h, dtype=hidden.dtype, device=hidden.device)
     mask_out = torch.empty(survivors, length, dtype=mask.dtype, device=mask.device)
     rows_out = torch.empty(survivors, dtype=rows.dtype, device=rows.device)
     if survivors:
         grid = (survivors, max(1, triton.cdiv(length * h, GATHER_BLOCK)))
-        kernels._compact_gather_kernel[grid](
-            hidden, mask, rows, index, hidden_out, mask_out, rows_out, s, h, length, BLOCK=GATHER_BLOCK
+        _launch(
+            kernels._compact_gather_kernel,
+            grid,
+            hidden.device,
+            hidden,
+            mask,
+            rows,
+            index,
+            hidden_out,
+            mask_out,
+            rows_out,
+            s,
+            h,
+            length,
+            BLOCK=GATHER_BLOCK,
+            num_warps=4,
         )
     return hidden_out, mask_out, rows_out
 
 
+def compact(
+    hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, trim: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    hidden, mask, rows, keep = hidden.contiguous(), mask.contiguous(), rows.contiguous(), keep.contiguous()
+    n, s, _ = hidden.shape
+    if n == 0:  # nobody to keep: no launch, the trimmed length is 0
+        length = 0 if trim else s
+        return hidden[:, :length].contiguous(), mask[:, :length].contiguous(), rows, False
+    index, stats = _plan(mask, keep, trim)
+    # The one host sync of a layer: the survivors' count and length size the outputs, and the
+    # fewest real tokens tell the caller whether the survivors' attention mask needs padding.
+    survivors, length, fewest = host_read(stats)
+    padded = fewest < length
+    if survivors == n and length == s:  # everyone stays, nothing trimmed: no copy
+        return hidden, mask, rows, padded
+    return (*_gather(hidden, mask, rows, index, survivors, length), padded)
+
+
 # ---- Ahead-of-time compilation (no GPU needed) -------------------------------------------------
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_POINTER_TYPES = {
+    torch.float32: "*fp32",
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+    torch.int8: "*i8",
+}
 
 
 class AotSpec(NamedTuple):
@@ -201,108 +294,59 @@ class AotSpec(NamedTuple):
     num_warps: int
 
 
+def _triton_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
+
+
+def spec_of(launch: Launch) -> AotSpec:
+    """The AOT signature of a recorded launch, read from the kernel's own parameter names and the
+    real arguments (so it cannot drift from the launcher)."""
+    names = [name for name in launch.kernel.arg_names if name not in launch.constexprs]
+    if len(names) != len(launch.args):
+        raise TypeError(f"{launch.kernel.__name__}: {len(launch.args)} launch arguments for parameters {names}")
+    signature = {name: _triton_type(value) for name, value in zip(names, launch.args, strict=True)}
+    signature.update(dict.fromkeys(launch.constexprs, "constexpr"))
+    return AotSpec(launch.kernel, signature, dict(launch.constexprs), launch.num_warps)
+
+
+def respecialize(spec: AotSpec, ones: frozenset[str]) -> AotSpec:
+    """``spec`` with the integer parameters ``ones`` compiled at the value 1: Triton's JIT turns an
+    integer argument equal to 1 into a compile-time constant, so a kernel must compile that way."""
+    signature = {name: "constexpr" if name in ones else kind for name, kind in spec.signature.items()}
+    return spec._replace(signature=signature, constexprs={**spec.constexprs, **dict.fromkeys(ones, 1)})
+
+
+def integer_parameters(spec: AotSpec) -> list[str]:
+    return [name for name, kind in spec.signature.items() if kind in ("i32", "i64")]
+
+
 def aot_specs(dtype: torch.dtype = torch.float32, r: int = 128, c: int = 2, trim: bool = True) -> dict[str, AotSpec]:
-    """Each kernel with the signature and constexprs the launchers above use for these sizes:
-    ``{name: (kernel, signature, constexprs)}``, for :func:`aot_compile`."""
-    cfg = ExitHeadConfig.for_sizes(r, c)
-    t = _TRITON_TYPES[dtype]
-    return {
-        "cls_query": AotSpec(
-            kernels._cls_query_kernel,
-            {
-                "a_ptr": f"*{t}",
-                "b_in_ptr": "*fp32",
-                "w_qk_ptr": "*fp32",
-                "b_qk_ptr": "*fp32",
-                "q_ptr": "*fp32",
-                "S": "i32",
-                "R": "i32",
-                "QK": "i32",
-                "BLOCK_R": "constexpr",
-                "BLOCK_O": "constexpr",
-            },
-            {"BLOCK_R": cfg.block_r, "BLOCK_O": cfg.block_o},
-            cfg.num_warps,
-        ),
-        "cls_attention": AotSpec(
-            kernels._cls_attention_kernel,
-            {
-                "a_ptr": f"*{t}",
-                "mask_ptr": "*i64",
-                "b_in_ptr": "*fp32",
-                "q_ptr": "*fp32",
-                "zbar_ptr": "*fp32",
-                "S": "i32",
-                "R": "i32",
-                "QK": "i32",
-                "BLOCK_S": "constexpr",
-                "BLOCK_R": "constexpr",
-            },
-            {"BLOCK_S": cfg.block_s, "BLOCK_R": cfg.block_r},
-            cfg.num_warps,
-        ),
-        "exit_tail": AotSpec(
-            kernels._exit_tail_kernel,
-            {
-                "zbar_ptr": "*fp32",
-                "w_ov_ptr": "*fp32",
-                "b_ov_ptr": "*fp32",
-                "w_pool_ptr": "*fp32",
-                "b_pool_ptr": "*fp32",
-                "w_cls_ptr": "*fp32",
-                "b_cls_ptr": "*fp32",
-                "logits_ptr": "*fp32",
-                "uncertainty_ptr": "*fp32",
-                "exits_ptr": "*i8",
-                "N": "i32",
-                "R": "i32",
-                "QK": "i32",
-                "C": "i32",
-                "log_classes": "fp32",
-                "speed": "fp32",
-                "BLOCK_N": "constexpr",
-                "BLOCK_R": "constexpr",
-                "BLOCK_K": "constexpr",
-                "BLOCK_C": "constexpr",
-            },
-            {"BLOCK_N": cfg.block_n, "BLOCK_R": cfg.block_r, "BLOCK_K": cfg.block_k, "BLOCK_C": cfg.block_c},
-            cfg.tail_warps,
-        ),
-        "compact_plan": AotSpec(
-            kernels._compact_plan_kernel,
-            {
-                "keep_ptr": "*i8",
-                "mask_ptr": "*i64",
-                "index_ptr": "*i64",
-                "stats_ptr": "*i64",
-                "N": "i32",
-                "S": "i32",
-                "TRIM": "constexpr",
-                "BLOCK_N": "constexpr",
-                "BLOCK_S": "constexpr",
-            },
-            {"TRIM": trim, "BLOCK_N": COMPACT_BLOCK_N, "BLOCK_S": COMPACT_BLOCK_S},
-            4,
-        ),
-        "compact_gather": AotSpec(
-            kernels._compact_gather_kernel,
-            {
-                "hidden_ptr": f"*{t}",
-                "mask_ptr": "*i64",
-                "rows_ptr": "*i64",
-                "index_ptr": "*i64",
-                "hidden_out_ptr": f"*{t}",
-                "mask_out_ptr": "*i64",
-                "rows_out_ptr": "*i64",
-                "S": "i32",
-                "H": "i32",
-                "LENGTH": "i32",
-                "BLOCK": "constexpr",
-            },
-            {"BLOCK": GATHER_BLOCK},
-            4,
-        ),
-    }
+    """Every kernel with the signature and constexprs the launchers above use for hidden states of
+    ``dtype``, branch width ``r`` and ``c`` classes (``{name: AotSpec}``, for :func:`aot_compile`).
+    Derived by running the launchers on small CPU tensors with launches recorded, not restated."""
+    n, s, h, heads = 3, 5, 16, 2
+    hidden = torch.zeros(n, s, h, dtype=dtype)
+    mask = torch.ones(n, s, dtype=torch.int64)
+    weights = BranchWeights(*(torch.zeros(shape) for shape in _branch_shapes(h, r, c)))
+    rows, keep = torch.arange(n), torch.tensor([True, False, True])
+    with recording() as launches:
+        exit_head(hidden, mask, weights, heads, 0.5)
+        index, _ = _plan(mask, keep, trim)
+        _gather(hidden, mask, rows, index, 2, s)
+    names = ("cls_query", "cls_attention", "exit_tail", "compact_plan", "compact_gather")
+    return {name: spec_of(launch) for name, launch in zip(names, launches, strict=True)}
+
+
+def _branch_shapes(h: int, r: int, c: int) -> list[tuple[int, ...]]:
+    return [(r, h), (r,), (3 * r, r), (3 * r,), (r, r), (r,), (r, r), (r,), (c, r), (c,)]
 
 
 def aot_compile(spec: AotSpec, capability: int):

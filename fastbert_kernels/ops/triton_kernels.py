@@ -4,9 +4,11 @@ Exit head, after the vendor GEMM ``a = x W_in^T`` (``[N, S, R]``, hidden's dtype
   1. ``_cls_query_kernel``     q'_j = W_qk,j tanh(a_0 + b_in) + b_qk,j           grid (N, QK / BLOCK_O)
   2. ``_cls_attention_kernel`` zbar_j = softmax_s(z_s . q'_j) z_s, online over S   grid (N, heads)
   3. ``_exit_tail_kernel``     out = W_ov zbar + b_ov; logits = W_cls tanh(W_pool out + b_pool) + b_cls;
-                               softmax, normalised entropy, exit decision         grid (N / BLOCK_N)
+                               online softmax, normalised entropy, exit decision  grid (N / BLOCK_N)
+                               (tiled over R and C: any branch width, any class count)
 Compaction: ``_compact_plan_kernel`` (one program: ordered prefix sum of the keep flags, longest
-kept row), then ``_compact_gather_kernel`` (one program per kept row and chunk: plain copies).
+kept row, fewest real tokens), then ``_compact_gather_kernel`` (one program per kept row and
+chunk: plain copies).
 
 Every load is cast to float32 before arithmetic: the interpreter's bf16 arithmetic and tl.exp/
 tl.log need it, and the kernels accumulate in float32 anyway. ``tl.dot`` runs with
@@ -37,6 +39,7 @@ def _cls_query_kernel(
     S,
     R,
     QK,
+    ROW_STRIDE,
     BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr,
 ):
@@ -51,7 +54,7 @@ def _cls_query_kernel(
     o_ok = o < QK
     w = tl.load(w_qk_ptr + o[:, None] * R + k[None, :], mask=o_ok[:, None] & k_ok[None, :], other=0.0)
     q = tl.sum(w * z0[None, :], axis=1) + tl.load(b_qk_ptr + o, mask=o_ok, other=0.0)
-    tl.store(q_ptr + row * QK + o, q, mask=o_ok)
+    tl.store(q_ptr + row * ROW_STRIDE + o, q, mask=o_ok)
 
 
 @triton.jit
@@ -63,7 +66,7 @@ def _cls_attention_kernel(
     zbar_ptr,
     S,
     R,
-    QK,
+    ROW_STRIDE,
     BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -72,7 +75,7 @@ def _cls_attention_kernel(
     k = tl.arange(0, BLOCK_R)
     k_ok = k < R
     b_in = tl.load(b_in_ptr + k, mask=k_ok, other=0.0)
-    q = tl.load(q_ptr + row * QK + head * R + k, mask=k_ok, other=0.0)
+    q = tl.load(q_ptr + row * ROW_STRIDE + head * R + k, mask=k_ok, other=0.0)
     running_max = tl.full([], float("-inf"), tl.float32)
     denominator = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -93,7 +96,33 @@ def _cls_attention_kernel(
         denominator = denominator * old_scale + tl.sum(p, axis=0)
         acc = acc * old_scale + tl.sum(p[:, None] * z, axis=0)
         running_max = new_max
-    tl.store(zbar_ptr + row * QK + head * R + k, acc / denominator, mask=k_ok)
+    tl.store(zbar_ptr + row * ROW_STRIDE + head * R + k, acc / denominator, mask=k_ok)
+
+
+@triton.jit
+def _linear_tile(
+    x_ptr,
+    x_stride,
+    w_ptr,
+    rows,
+    rows_ok,
+    j,
+    j_ok,
+    K,
+    BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``x[rows, :K] @ W[j, :K]^T`` as a ``[BLOCK_N, BLOCK_J]`` float32 tile, K-chunked: the weight
+    tile is ``[BLOCK_K, BLOCK_J]`` whatever R and C are, so shared memory stays bounded."""
+    acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        kk = start + tl.arange(0, BLOCK_K)
+        kk_ok = kk < K
+        x = tl.load(x_ptr + rows[:, None] * x_stride + kk[None, :], mask=rows_ok[:, None] & kk_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + j[None, :] * K + kk[:, None], mask=j_ok[None, :] & kk_ok[:, None], other=0.0)
+        acc += tl.dot(x, w, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -105,6 +134,7 @@ def _exit_tail_kernel(
     b_pool_ptr,
     w_cls_ptr,
     b_cls_ptr,
+    scratch_ptr,
     logits_ptr,
     uncertainty_ptr,
     exits_ptr,
@@ -112,51 +142,65 @@ def _exit_tail_kernel(
     R,
     QK,
     C,
+    ROW_STRIDE,
     log_classes,
     speed,
     BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ok = rows < N
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < R
-    # out = zbar W_ov^T + b_ov, K-chunked over the heads * R inputs.
-    out = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
-    for start in range(0, QK, BLOCK_K):
-        kk = start + tl.arange(0, BLOCK_K)
-        kk_ok = kk < QK
-        x = tl.load(zbar_ptr + rows[:, None] * QK + kk[None, :], mask=rows_ok[:, None] & kk_ok[None, :], other=0.0)
-        w = tl.load(w_ov_ptr + r[None, :] * QK + kk[:, None], mask=r_ok[None, :] & kk_ok[:, None], other=0.0)
-        out += tl.dot(x, w, input_precision="ieee")
-    out = tl.where(r_ok[None, :], out + tl.load(b_ov_ptr + r, mask=r_ok, other=0.0)[None, :], 0.0)
-    # logits = tanh(out W_pool^T + b_pool) W_cls^T + b_cls: each chunk of pooled features feeds
-    # the classifier's K dimension directly, so the pooled vector is never assembled.
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    logits = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    for start in range(0, R, BLOCK_K):
-        pp = start + tl.arange(0, BLOCK_K)
-        pp_ok = pp < R
-        wp = tl.load(w_pool_ptr + pp[None, :] * R + r[:, None], mask=r_ok[:, None] & pp_ok[None, :], other=0.0)
-        bp = tl.load(b_pool_ptr + pp, mask=pp_ok, other=0.0)
-        pooled = tl.where(pp_ok[None, :], _tanh(tl.dot(out, wp, input_precision="ieee") + bp[None, :]), 0.0)
-        wc = tl.load(w_cls_ptr + c[None, :] * R + pp[:, None], mask=pp_ok[:, None] & c_ok[None, :], other=0.0)
-        logits += tl.dot(pooled, wc, input_precision="ieee")
-    logits += tl.load(b_cls_ptr + c, mask=c_ok, other=0.0)[None, :]
-    # Softmax, normalised entropy and the decision, over the C real classes.
-    masked = tl.where(c_ok[None, :], logits, float("-inf"))
-    top = tl.max(masked, axis=1)
-    total = tl.sum(tl.where(c_ok[None, :], tl.exp(masked - top[:, None]), 0.0), axis=1)
-    # Padding classes get log_p = 0 (not -inf) so that exp(log_p) * log_p never forms 0 * inf.
-    log_p = tl.where(c_ok[None, :], logits - top[:, None] - tl.log(total)[:, None], 0.0)
-    entropy = -tl.sum(tl.where(c_ok[None, :], tl.exp(log_p) * log_p, 0.0), axis=1)
-    uncertainty = entropy / log_classes
-    tl.store(logits_ptr + rows[:, None] * C + c[None, :], logits, mask=rows_ok[:, None] & c_ok[None, :])
-    tl.store(uncertainty_ptr + rows, uncertainty, mask=rows_ok)
-    tl.store(exits_ptr + rows, (uncertainty < speed).to(tl.int8), mask=rows_ok)
+    rows64 = rows.to(tl.int64)
+    # Every stage is tiled over its output columns (BLOCK_J) and its inputs (BLOCK_K), so the
+    # kernel works for any branch width and class count; out and pooled go through this
+    # program's own rows of a global scratch [N, 2R] (L2-resident), with a block barrier between
+    # stages so that every thread sees the whole row.
+    # scratch[:, :R] = out, scratch[:, R:2R] = pooled (rows ROW_STRIDE apart, as zbar's).
+    for j_start in range(0, R, BLOCK_J):
+        j = j_start + tl.arange(0, BLOCK_J)
+        j_ok = j < R
+        acc = _linear_tile(zbar_ptr, ROW_STRIDE, w_ov_ptr, rows64, rows_ok, j, j_ok, QK, BLOCK_N, BLOCK_J, BLOCK_K)
+        acc += tl.load(b_ov_ptr + j, mask=j_ok, other=0.0)[None, :]
+        tl.store(scratch_ptr + rows64[:, None] * ROW_STRIDE + j[None, :], acc, mask=rows_ok[:, None] & j_ok[None, :])
+    tl.debug_barrier()
+    for j_start in range(0, R, BLOCK_J):
+        j = j_start + tl.arange(0, BLOCK_J)
+        j_ok = j < R
+        acc = _linear_tile(scratch_ptr, ROW_STRIDE, w_pool_ptr, rows64, rows_ok, j, j_ok, R, BLOCK_N, BLOCK_J, BLOCK_K)
+        pooled = _tanh(acc + tl.load(b_pool_ptr + j, mask=j_ok, other=0.0)[None, :])
+        tl.store(
+            scratch_ptr + R + rows64[:, None] * ROW_STRIDE + j[None, :], pooled, mask=rows_ok[:, None] & j_ok[None, :]
+        )
+    tl.debug_barrier()
+    # logits = pooled W_cls^T + b_cls, tile by tile over the classes, with an online softmax
+    # entropy: for e_c = exp(l_c - m), S = sum e_c and A = sum e_c (l_c - m),
+    #   H = -sum p log p = log S - A / S,
+    # and a new running max m' rescales S and A by exp(m - m') (A also gains (m - m') S).
+    running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    weighted = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c_start in range(0, C, BLOCK_J):
+        c = c_start + tl.arange(0, BLOCK_J)
+        c_ok = c < C
+        logits = _linear_tile(
+            scratch_ptr + R, ROW_STRIDE, w_cls_ptr, rows64, rows_ok, c, c_ok, R, BLOCK_N, BLOCK_J, BLOCK_K
+        )
+        logits += tl.load(b_cls_ptr + c, mask=c_ok, other=0.0)[None, :]
+        tl.store(logits_ptr + rows64[:, None] * C + c[None, :], logits, mask=rows_ok[:, None] & c_ok[None, :])
+        masked = tl.where(c_ok[None, :], logits, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(masked, axis=1))
+        # First tile: total = 0, so the (-inf) shift must not reach the arithmetic (0 * inf).
+        shift = tl.where(total > 0, running_max - new_max, 0.0)
+        scale = tl.exp(shift)
+        centred = tl.where(c_ok[None, :], logits - new_max[:, None], 0.0)
+        e = tl.where(c_ok[None, :], tl.exp(centred), 0.0)
+        weighted = scale * (weighted + shift * total) + tl.sum(e * centred, axis=1)
+        total = scale * total + tl.sum(e, axis=1)
+        running_max = new_max
+    uncertainty = (tl.log(total) - weighted / total) / log_classes
+    tl.store(uncertainty_ptr + rows64, uncertainty, mask=rows_ok)
+    tl.store(exits_ptr + rows64, (uncertainty < speed).to(tl.int8), mask=rows_ok)
 
 
 @triton.jit
@@ -171,8 +215,15 @@ def _compact_plan_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    count = tl.full([], 0, tl.int64)
-    longest = tl.full([], 0, tl.int64)
+    # stats = [kept rows, kept length, fewest real tokens in a kept row]: the host reads all three
+    # in its one sync of the layer; the last tells whether the survivors still carry padding.
+    zero = tl.zeros([], dtype=tl.int64)
+    # S may arrive as a compile-time constant (Triton specialises an integer argument equal to 1),
+    # so it is widened by arithmetic rather than by a method call.
+    seq = zero + S
+    count = zero
+    longest = zero
+    fewest = seq
     for start in range(0, N, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < N
@@ -180,21 +231,24 @@ def _compact_plan_kernel(
         position = count + tl.cumsum(keep, axis=0) - 1
         tl.store(index_ptr + position, n.to(tl.int64), mask=n_ok & (keep != 0))
         count += tl.sum(keep, axis=0)
-        if TRIM:
-            length = tl.zeros([BLOCK_N], dtype=tl.int64)
-            for s_start in range(0, S, BLOCK_S):
-                s = s_start + tl.arange(0, BLOCK_S)
-                m = tl.load(
-                    mask_ptr + n[:, None].to(tl.int64) * S + s[None, :], mask=n_ok[:, None] & (s < S)[None, :], other=0
-                )
-                used = tl.where(m != 0, s[None, :].to(tl.int64) + 1, 0)
-                length = tl.maximum(length, tl.max(used, axis=1))
-            longest = tl.maximum(longest, tl.max(tl.where(keep != 0, length, 0), axis=0))
+        length = tl.zeros([BLOCK_N], dtype=tl.int64)
+        tokens = tl.zeros([BLOCK_N], dtype=tl.int64)
+        for s_start in range(0, S, BLOCK_S):
+            s = s_start + tl.arange(0, BLOCK_S)
+            m = tl.load(
+                mask_ptr + n[:, None].to(tl.int64) * S + s[None, :], mask=n_ok[:, None] & (s < S)[None, :], other=0
+            )
+            used = tl.where(m != 0, s[None, :].to(tl.int64) + 1, 0)
+            length = tl.maximum(length, tl.max(used, axis=1))
+            tokens += tl.sum((m != 0).to(tl.int64), axis=1)
+        longest = tl.maximum(longest, tl.max(tl.where(keep != 0, length, 0), axis=0))
+        fewest = tl.minimum(fewest, tl.min(tl.where(keep != 0, tokens, seq), axis=0))
     tl.store(stats_ptr, count)
     if TRIM:
         tl.store(stats_ptr + 1, longest)
     else:
-        tl.store(stats_ptr + 1, S.to(tl.int64))
+        tl.store(stats_ptr + 1, seq)
+    tl.store(stats_ptr + 2, fewest)
 
 
 @triton.jit

@@ -86,3 +86,20 @@ class FoldedWeights(NamedTuple):
     b_pool: torch.Tensor
     w_cls: torch.Tensor
     b_cls: torch.Tensor
+
+
+class Compacted(NamedTuple):
+    """What :func:`fastbert_kernels.ops.compact` returns.
+
+    hidden ``[M, S', H]``, mask ``[M, S']`` int64, rows ``[M]`` int64: the kept rows, in order.
+    padded: whether some kept row has masked columns within ``S'`` (so the layers still need an
+    attention mask); None where it was not computed (compiled graphs).
+    changed: False when every row was kept and nothing was trimmed; the tensors are then the
+    inputs themselves, and a caller may keep whatever it derived from them (the layer mask).
+    """
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    padded: bool | None
+    changed: bool

@@ -62,7 +62,7 @@ CUDA_VENV ?= .venv-cuda
 # is a wrapper (here /usr/local/bin/nvcc) that guess is wrong, so default to /usr/local/cuda.
 CUDA_HOME ?= $(shell test -d /usr/local/cuda && echo /usr/local/cuda)
 export CUDA_HOME
-CUDA_PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q
+CUDA_PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/python -m pip --disable-pip-version-check -q --no-cache-dir
 check-cuda-build:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_PIP) install --dry-run --ignore-installed -r requirements/test.txt -r requirements/demo.txt
@@ -70,6 +70,9 @@ check-cuda-build:
 	$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda, torch.__version__; print('torch', torch.__version__)"
 	rm -rf build/cuda-check && mkdir -p build/cuda-check/pkg
 	MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda-check/lib --build-temp build/cuda-check/tmp
+	# PTX of the newest architecture must be embedded (cuobjdump ships with triton's NVIDIA backend).
+	$$(find $(CUDA_VENV) -path '*nvidia/bin/cuobjdump' | head -n 1) --list-ptx build/cuda-check/lib/fastbert_kernels/_C*.so \
+		| grep -q 'sm_90.ptx'
 	cp -r fastbert_kernels build/cuda-check/pkg/ && rm -f build/cuda-check/pkg/fastbert_kernels/_C*.so
 	cp build/cuda-check/lib/fastbert_kernels/_C*.so build/cuda-check/pkg/fastbert_kernels/
 	cd build/cuda-check/pkg && ../../../$(CUDA_VENV)/bin/python -c "from fastbert_kernels.ops import compiled, report; \

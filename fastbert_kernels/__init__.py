@@ -17,6 +17,7 @@ from .architectures import ARCHITECTURES
 from .branch import BranchClassifier
 from .config import FastBertConfig
 from .modeling import FastBertOutput, fastbert_config, is_patched, patch, students, unpatch
+from .pipelines import FastBertTextClassificationPipeline, pipeline
 from .serialization import from_pretrained
 from .training import TrainHistory, distill, fine_tune, student_kl
 
@@ -27,6 +28,7 @@ __all__ = [
     "BranchClassifier",
     "FastBertConfig",
     "FastBertOutput",
+    "FastBertTextClassificationPipeline",
     "TrainHistory",
     "__version__",
     "distill",
@@ -36,6 +38,7 @@ __all__ = [
     "is_patched",
     "ops",
     "patch",
+    "pipeline",
     "student_kl",
     "students",
     "unpatch",

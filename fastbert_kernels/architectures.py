@@ -65,7 +65,10 @@ def architecture_for(model: nn.Module) -> Architecture:
             f"{sorted(ARCHITECTURES)} with a ...ForSequenceClassification head"
         )
     arch = ARCHITECTURES[model_type]
-    if not hasattr(model, arch.base) or not hasattr(model, "classifier"):
+    # Token classification, multiple choice and the like have a `classifier` too, but their
+    # outputs are not one label per sequence: refuse them here, not with an odd error at forward.
+    is_sequence_classifier = any(cls.__name__.endswith("ForSequenceClassification") for cls in type(model).__mro__)
+    if not is_sequence_classifier or not hasattr(model, arch.base) or not hasattr(model, "classifier"):
         raise TypeError(
             f"{type(model).__name__} is a {model_type} model without a sequence-classification head; "
             f"load it with AutoModelForSequenceClassification"

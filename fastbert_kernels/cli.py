@@ -77,6 +77,7 @@ def prepare_model(args: argparse.Namespace, dataset):
     settings = dict(
         lr=args.lr,
         data=dataset.name,
+        content=dataset.fingerprint(),
         epochs=args.epochs,
         distill_epochs=args.distill_epochs,
         max_train=args.max_train,
@@ -278,7 +279,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
 
     begin = time.perf_counter()
-    dataset = load_dataset(args.data, seed=args.seed)
+    try:
+        dataset = load_dataset(args.data, seed=args.seed)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(
         f"{dataset.name}: {len(dataset.train)} train / {len(dataset.validation)} validation / "
         f"{len(dataset.test)} test, {dataset.num_labels} classes"

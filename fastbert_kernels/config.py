@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Literal
+
+import torch
 
 TeacherKind = Literal["model", "branch"]
 
@@ -15,10 +18,17 @@ BRANCHES_FILE = "fastbert_branches.safetensors"
 FORMAT_VERSION = 1
 
 
-def check_speed(speed: float) -> float:
-    """Return ``speed`` as a float, or raise ``ValueError`` if it is not a number in [0, 1]."""
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-        raise TypeError(f"speed must be a float in [0, 1], got {type(speed).__name__}")
+def check_speed(speed) -> float:
+    """``speed`` as a float: any real scalar (Python or numpy number, 0-dim tensor) in [0, 1];
+    otherwise a ``TypeError`` or ``ValueError`` that says what was wrong."""
+    if isinstance(speed, torch.Tensor):
+        if speed.dim() != 0 or speed.dtype.is_complex or speed.dtype == torch.bool:
+            raise TypeError(
+                f"speed must be a real scalar in [0, 1]; got a {speed.dtype} tensor of shape {tuple(speed.shape)}"
+            )
+        speed = speed.item()
+    if isinstance(speed, bool) or not isinstance(speed, numbers.Real):
+        raise TypeError(f"speed must be a real number in [0, 1], got {type(speed).__name__}")
     speed = float(speed)
     if math.isnan(speed) or not 0.0 <= speed <= 1.0:
         raise ValueError(f"speed must be in [0, 1], got {speed}")

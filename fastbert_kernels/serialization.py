@@ -7,15 +7,20 @@ A checkpoint directory is an ordinary Hugging Face checkpoint (a plain
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import BRANCHES_FILE, FastBertConfig
 from .modeling import BRANCHES_ATTR, branches, fastbert_config, patch
+
+# Where the branches file records the base weights it belongs to (see weights_fingerprint).
+FINGERPRINT_KEY = "teacher_weights_sha256"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def save_pretrained_with_branches(self: nn.Module, save_directory: str | Path, **kwargs) -> None:
@@ -28,9 +33,30 @@ def save_pretrained_with_branches(self: nn.Module, save_directory: str | Path, *
     directory = Path(save_directory)
     fastbert_config(self).save(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in branches(self).state_dict().items()}
-    save_file(
-        tensors, str(directory / BRANCHES_FILE), metadata={"format": "pt", "num_branches": str(len(branches(self)))}
+    metadata = {
+        "format": "pt",
+        "num_branches": str(len(branches(self))),
+        FINGERPRINT_KEY: weights_fingerprint(directory),
+    }
+    save_file(tensors, str(directory / BRANCHES_FILE), metadata=metadata)
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """SHA-256 over the base model's weight files in ``directory`` (names and bytes, in name order).
+
+    The students are only valid for the teacher they were distilled from. A file fingerprint does
+    not depend on the dtype a model is later loaded in, and it changes when another model's
+    ``save_pretrained`` overwrites the weights and leaves the FastBERT files behind."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p for p in directory.iterdir() if p.name != BRANCHES_FILE and p.suffix in WEIGHT_SUFFIXES and p.is_file()
     )
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_branches(model: nn.Module, directory: str | Path) -> None:
@@ -40,8 +66,16 @@ def load_branches(model: nn.Module, directory: str | Path) -> None:
         raise FileNotFoundError(f"{directory} has a FastBERT config but no {BRANCHES_FILE}")
     try:
         tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            saved_fingerprint = (handle.metadata() or {}).get(FINGERPRINT_KEY)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is corrupted or not a safetensors file: {err}") from err
+    if saved_fingerprint is not None and saved_fingerprint != weights_fingerprint(Path(directory)):
+        raise ValueError(
+            f"the model weights in {directory} are not the ones its FastBERT students were distilled "
+            "from (another model was saved over it?); patch and distil this model again, or load the "
+            "plain model with AutoModelForSequenceClassification"
+        )
     target = branches(model).state_dict()
     missing = sorted(set(target) - set(tensors))
     unexpected = sorted(set(tensors) - set(target))

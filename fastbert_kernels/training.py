@@ -66,6 +66,16 @@ def _text_batches(
         yield batch
 
 
+def _as_text_list(data):
+    """A pandas Series, numpy array or other one-dimensional collection of strings as a list of str;
+    anything else (a list, a DataLoader, an iterable of batches) unchanged."""
+    if hasattr(data, "tolist") and getattr(data, "ndim", None) == 1:
+        values = data.tolist()
+        if values and all(isinstance(v, str) for v in values):
+            return values
+    return data
+
+
 class BatchSource:
     """Batches for one epoch at a time: from texts (tokenised here, shuffled with a seeded order) or
     from an iterable of tokenised batches such as a DataLoader (used as it comes)."""
@@ -80,6 +90,9 @@ class BatchSource:
         shuffle: bool = True,
         seed: int = 0,
     ) -> None:
+        if isinstance(data, str):
+            raise TypeError("data is one string; pass a list of texts (a string would train on its characters)")
+        data = _as_text_list(data)
         self.is_text = isinstance(data, Sequence) and len(data) > 0 and isinstance(data[0], str)
         if isinstance(data, Sequence) and len(data) == 0:
             raise ValueError("no training data: the sequence is empty")

@@ -107,3 +107,28 @@ def test_cli_rejects_bad_speeds():
 
     with pytest.raises(ValueError, match="speed must be in"):
         main(["demo", "--speeds", "0.5", "1.5"])
+
+
+def test_csv_cache_key_follows_content_not_file_name(tmp_path):
+    from fastbert_kernels.data import load_csv
+
+    for folder, labels in (("a", ["pos", "neg"]), ("b", ["pos", "neg", "mixed"])):
+        (tmp_path / folder).mkdir()
+        rows = [f"review number {i},{labels[i % len(labels)]}" for i in range(40)]
+        (tmp_path / folder / "reviews.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    first, second = (load_csv(tmp_path / f / "reviews.csv") for f in ("a", "b"))
+    assert first.name == second.name == "reviews"
+    assert first.fingerprint() != second.fingerprint()
+    assert first.fingerprint() == load_csv(tmp_path / "a" / "reviews.csv").fingerprint()
+
+
+def test_csv_problems_are_one_line_errors(tmp_path, capsys):
+    from fastbert_kernels.cli import main
+
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\xe9 cr\xe8me,a\nok,b\n".encode("latin-1"))
+    (tmp_path / "tiny.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    for name, message in (("empty", "is empty"), ("latin1", "not UTF-8"), ("tiny", "too few")):
+        assert main(["demo", "--data", str(tmp_path / f"{name}.csv"), "--cache-dir", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err, err

@@ -4,6 +4,7 @@
 * :func:`compact`: gather the survivors of every per-sample tensor, trim the sequence axis.
 
 Each checks its inputs and routes to the backend chosen for the device (see :mod:`.backends`).
+Calls that need gradients take the reference (see :func:`_needs_grad`).
 In eager mode the backend is called directly, since the dispatcher's Python custom-op path costs
 tens of microseconds a call, which is visible at batch 1; under ``torch.compile`` the registered
 ops (:mod:`.custom_ops`) are used so that the graph holds them with their fake implementations.
@@ -31,6 +32,14 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd must see through the op. The compiled kernels are inference-only, so such
+    calls (attribution methods on an eval-mode model, for instance) take the plain-torch reference,
+    whose exit head is the differentiable branch and whose compaction is an index_select: gradients
+    are then the reference's on every backend, never silently cut."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _check_hidden_mask(hidden: torch.Tensor, mask: torch.Tensor) -> None:
@@ -72,6 +81,8 @@ def exit_head(
     for name, tensor in zip(BranchWeights._fields, weights, strict=True):
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    if _needs_grad(hidden, *weights):
+        return BACKENDS["reference"].exit_head(hidden, mask, weights, num_heads, float(speed))
     if torch.compiler.is_compiling():
         return torch.ops.fastbert.exit_head(hidden, mask, *weights, num_heads, float(speed))
     return select_backend(hidden.device).exit_head(hidden, mask, weights, num_heads, float(speed))
@@ -101,8 +112,12 @@ def compact(
     for name, tensor in (("rows", rows), ("keep", keep)):
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
-    if torch.compiler.is_compiling():
+    if _needs_grad(hidden):
+        backend = BACKENDS["reference"]
+    elif torch.compiler.is_compiling():
         out_hidden, out_mask, out_rows = torch.ops.fastbert.compact(hidden, mask, rows, keep, trim)
         return Compacted(out_hidden, out_mask, out_rows, padded=None, changed=True)
-    out_hidden, out_mask, out_rows, padded = select_backend(hidden.device).compact(hidden, mask, rows, keep, trim)
+    else:
+        backend = select_backend(hidden.device)
+    out_hidden, out_mask, out_rows, padded = backend.compact(hidden, mask, rows, keep, trim)
     return Compacted(out_hidden, out_mask, out_rows, padded=padded, changed=out_hidden.shape != hidden.shape)

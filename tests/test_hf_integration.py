@@ -61,7 +61,12 @@ def test_trainer_evaluate_predict_train(tmp_path):
     trainer.compute_metrics = None
     everything = trainer.predict(_Dataset(), ignore_keys=[])
     logits, exit_layer, uncertainty = everything.predictions
-    assert logits.shape == (24, 3) and exit_layer.shape == (24,) and set(exit_layer.tolist()) <= {1, 2, 3, 4}
+    assert (
+        logits.shape == (24, 3)
+        and exit_layer.shape == (24,)
+        and uncertainty.shape == (24,)
+        and set(exit_layer.tolist()) <= {1, 2, 3, 4}
+    )
     # Training the teacher with Trainer runs at speed 0 (the default speed is for inference).
     fbk.fastbert_config(model).default_speed = 0.0
     trainer = Trainer(model=model, args=args, train_dataset=_Dataset())
@@ -108,10 +113,10 @@ def test_torch_save_loads_in_a_fresh_process(tmp_path):
     torch.save(expected.logits, tmp_path / "expected.pt")
     # Unpickling a whole model is for the user's own files (weights_only=False); the library never does it.
     script = (
-        "import torch; d = torch.load(r'{0}/model.pt', weights_only=False); torch.set_grad_enabled(False); "
+        f"import torch; d = torch.load(r'{tmp_path}/model.pt', weights_only=False); torch.set_grad_enabled(False); "
         "out = d['model'](**d['batch'], speed=0.4); "
-        "torch.testing.assert_close(out.logits, torch.load(r'{0}/expected.pt'), atol=1e-6, rtol=1e-6)"
-    ).format(tmp_path)
+        f"torch.testing.assert_close(out.logits, torch.load(r'{tmp_path}/expected.pt'), atol=1e-6, rtol=1e-6)"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -142,7 +147,7 @@ def test_gradients_through_the_adaptive_forward_match_the_reference(backend, dev
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode, torch.enable_grad])
 def test_early_exit_in_train_mode_raises_under_any_grad_mode(grad_mode):
     model = fbk.patch(tiny_model("bert")).train()
-    with grad_mode(), pytest.raises(RuntimeError, match="model.eval"):
+    with grad_mode(), pytest.raises(RuntimeError, match=r"model\.eval"):
         model(**random_batch(3, 5), speed=0.5)
 
 
@@ -264,5 +269,5 @@ def _fast_tokenizer():
 def test_export_at_speed_above_zero_fails_in_one_line():
     model = fbk.patch(tiny_model("bert"))
     batch = random_batch(2, 6)
-    with pytest.raises(Exception, match="torch.export supports a patched model at speed=0 only"):
+    with pytest.raises(Exception, match=r"torch\.export supports a patched model at speed=0 only"):
         torch.export.export(model, args=(), kwargs={**batch, "speed": 0.5}, strict=False)

@@ -223,6 +223,7 @@ def per_layer_counts(device: torch.device, quick: bool) -> dict:
         "adaptive_ops_per_layer": adaptive.launches / num_layers,
         "adaptive_host_syncs": adaptive.syncs,
         "adaptive_host_syncs_per_branch_layer": (adaptive.syncs - 1) / (num_layers - 1),
+        "extra_ops_per_branch_layer": (adaptive.launches - plain.launches) / (num_layers - 1),
         "sync_sources": dict(adaptive.sync_sources),
         "backend_cpu_or_cuda": fbk.ops.select_backend(device).name,
     }

@@ -303,6 +303,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_cli(checkpoint: str):
+    """A patched model and its tokenizer from a FastBERT checkpoint, or a plain fine-tuned
+    classifier checkpoint (patched here, with fresh students)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import fastbert_kernels as fbk
+
+    from .config import CONFIG_FILE
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    if (Path(checkpoint) / CONFIG_FILE).is_file():
+        return fbk.from_pretrained(checkpoint), tokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, local_files_only=True)
+    return fbk.patch(model), tokenizer
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Self-distillation of a checkpoint's students on a text file; works under torchrun."""
+    import fastbert_kernels as fbk
+
+    from . import distributed
+    from .corpus import read_texts
+
+    model, tokenizer = _load_for_cli(args.checkpoint)
+    history = fbk.distill(
+        model,
+        read_texts(args.texts),
+        tokenizer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+        checkpoint_dir=args.resume_dir,
+    )
+    if distributed.context().is_main:
+        model.eval()
+        model.save_pretrained(args.out)
+        tokenizer.save_pretrained(args.out)
+        print(f"{history.steps} steps, final loss {history.loss[-1]:.4f}; saved to {args.out}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    """Classifies a corpus file with a FastBERT checkpoint; works under torchrun."""
+    from .corpus import classify_corpus
+
+    model, tokenizer = _load_for_cli(args.checkpoint)
+    out = classify_corpus(
+        model,
+        args.corpus,
+        tokenizer,
+        args.out,
+        speed=args.speed,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        shard_size=args.shard_size,
+        workers=args.workers,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastbert_kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +390,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache-dir", default=".cache/fastbert_demo")
         p.add_argument("--out", default=out)
         p.set_defaults(func=cmd_demo)
+    d = sub.add_parser("distill", help="distil a checkpoint's students on a text file (torchrun-ready)")
+    d.add_argument("checkpoint", help="a FastBERT checkpoint, or a fine-tuned ...ForSequenceClassification one")
+    d.add_argument("--texts", required=True, help="unlabelled texts: .txt (one a line), .jsonl or .csv (text)")
+    d.add_argument("--out", required=True, help="where to save the distilled FastBERT checkpoint")
+    d.add_argument("--epochs", type=int, default=1)
+    d.add_argument("--batch-size", type=int, default=32, help="global batch (split over the processes)")
+    d.add_argument("--lr", type=float, default=2e-4)
+    d.add_argument("--max-length", type=int, default=128)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--resume-dir", default=None, help="checkpoint the run here and resume from it")
+    d.set_defaults(func=cmd_distill)
+    c = sub.add_parser("classify", help="classify a corpus into JSON Lines, resumable (torchrun-ready)")
+    c.add_argument("checkpoint", help="a FastBERT checkpoint (with its tokenizer)")
+    c.add_argument("corpus", help=".txt (one text a line), .jsonl or .csv (text column)")
+    c.add_argument("--out", required=True, help="the .jsonl to write")
+    c.add_argument("--speed", type=float, default=None, help="default: the checkpoint's default speed")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--max-length", type=int, default=128)
+    c.add_argument("--shard-size", type=int, default=1024)
+    c.add_argument("--workers", type=int, default=1, help="local processes when not launched by torchrun")
+    c.set_defaults(func=cmd_classify)
     return parser
 
 

@@ -70,12 +70,6 @@ def load_branches(model: nn.Module, directory: str | Path) -> None:
             saved_fingerprint = (handle.metadata() or {}).get(FINGERPRINT_KEY)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is corrupted or not a safetensors file: {err}") from err
-    if saved_fingerprint is not None and saved_fingerprint != weights_fingerprint(Path(directory)):
-        raise ValueError(
-            f"the model weights in {directory} are not the ones its FastBERT students were distilled "
-            "from (another model was saved over it?); patch and distil this model again, or load the "
-            "plain model with AutoModelForSequenceClassification"
-        )
     target = branches(model).state_dict()
     missing = sorted(set(target) - set(tensors))
     unexpected = sorted(set(tensors) - set(target))
@@ -89,6 +83,12 @@ def load_branches(model: nn.Module, directory: str | Path) -> None:
     ]
     if wrong:
         raise ValueError(f"{path} has branch tensors of the wrong shape: {wrong[:6]}")
+    if saved_fingerprint is not None and saved_fingerprint != weights_fingerprint(Path(directory)):
+        raise ValueError(
+            f"the model weights in {directory} are not the ones its FastBERT students were distilled "
+            "from (another model was saved over it?); patch and distil this model again, or load the "
+            "plain model with AutoModelForSequenceClassification"
+        )
     with torch.no_grad():
         for key, value in target.items():
             value.copy_(tensors[key])

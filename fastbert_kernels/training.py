@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
 
+from . import distributed
 from .architectures import architecture_for
 from .encoder import EncoderInputs, all_layer_states, embed, model_device
 from .modeling import branches, fastbert_config, is_patched, students, teacher_logits
@@ -37,18 +39,6 @@ class TrainHistory:
     @property
     def steps(self) -> int:
         return len(self.loss)
-
-
-def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warm-up over ``warmup_ratio * total_steps`` steps, then linear decay to 0 at ``total_steps``."""
-    warmup = max(1, round(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _text_batches(
@@ -146,10 +136,11 @@ def _student_kls(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     return torch.stack(kls), inputs.hidden.shape[0]
 
 
-def _distillation_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """sum_i KL(p_teacher || p_student_i), each averaged over the batch."""
+def _distillation_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """sum_i KL(p_teacher || p_student_i) summed over the batch's rows, and the row count (the
+    training loop divides by the global batch's rows, so that every process agrees)."""
     kls, size = _student_kls(model, batch)
-    return kls.sum() / size
+    return kls.sum(), size
 
 
 @torch.no_grad()
@@ -157,14 +148,20 @@ def student_kl(model: nn.Module, data, tokenizer=None, batch_size: int = 64, max
     """Mean KL(p_teacher || p_student_i) per student on ``data`` (texts or batches): ``[L-1]``."""
     was_training = model.training
     model.eval()
-    source = BatchSource(data, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=False)
-    total, count = None, 0
-    for batch in source.epoch(0):
-        kls, size = _student_kls(model, batch)
-        total = kls if total is None else total + kls
-        count += size
-    model.train(was_training)
+    try:
+        source = BatchSource(data, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=False)
+        total, count = None, 0
+        for batch in source.epoch(0):
+            kls, size = _student_kls(model, batch)
+            total = kls if total is None else total + kls
+            count += size
+    finally:
+        model.train(was_training)
     return total / count
+
+
+def _local_rows(batch: Batch, rows: slice) -> Batch:
+    return {key: value[rows] for key, value in batch.items()}
 
 
 def _run(
@@ -184,17 +181,30 @@ def _run(
     checkpoint_every: int = 50,
     max_steps: int | None = None,
 ) -> TrainHistory:
-    """One optimiser loop (AdamW + linear schedule), resumable from ``checkpoint_dir``."""
+    """One optimiser loop (AdamW, linear warm-up and decay over this run's own steps), resumable
+    from ``checkpoint_dir``, alone or in a torch.distributed group.
+
+    ``loss_fn(batch) -> (summed loss, rows)``. Distributed, every process walks the same global
+    batches (the same seeded order) and computes its contiguous share of each one's rows; the
+    gradients of ``params`` (only those: the frozen backbone and teacher are never reduced) and
+    the loss are summed over the group in one all-reduce and divided by the global batch's rows.
+    So N processes take the same steps as one process with the same global batch, to float
+    rounding, and their optimisers stay in lockstep: the checkpoint, written by rank 0, resumes at
+    any world size.
+    """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
+    group = distributed.context(model_device(model))
     steps_per_epoch = len(source)
     total = epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = linear_schedule(optimizer, total, warmup_ratio)
+    warmup = round(warmup_ratio * total)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
     history, step = TrainHistory(), 0
     state_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        # Plain tensors, numbers and lists only: loading never runs code from the directory.
+        state = torch.load(state_path, weights_only=True, map_location="cpu")
         if state["total"] != total or len(state["params"]) != len(params):
             raise ValueError(f"{state_path} belongs to a different run (steps or parameters differ); remove it")
         with torch.no_grad():
@@ -202,25 +212,28 @@ def _run(
                 p.copy_(saved)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        history, step = state["history"], state["step"]
+        history = TrainHistory(loss=list(state["history"]["loss"]), lr=list(state["history"]["lr"]))
+        step = state["step"]
 
     def save() -> None:
+        if not group.is_main:
+            return
         state_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "total": total,
-                "step": step,
-                "params": [p.detach().clone() for p in params],
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-            },
-            state_path,
-        )
+        state = {
+            "total": total,
+            "step": step,
+            "params": [p.detach().cpu().clone() for p in params],
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": {"loss": history.loss, "lr": history.lr},
+        }
+        partial = state_path.with_suffix(".tmp")
+        torch.save(state, partial)
+        partial.replace(state_path)  # atomic: a kill never leaves half a checkpoint
 
     was_training = model.training
     model.train(train_mode)
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, unit="step")
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not (progress and group.is_main), unit="step")
     try:
         for epoch in range(step // steps_per_epoch, epochs):
             for position, batch in enumerate(source.epoch(epoch)):
@@ -228,14 +241,20 @@ def _run(
                     continue  # consumed before the checkpoint this run resumed from
                 if max_steps is not None and step >= max_steps:
                     return history
-                loss = loss_fn(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                optimizer.zero_grad(set_to_none=False)
+                rows = next(iter(batch.values())).shape[0]
+                local = _local_rows(batch, group.rows(rows))
+                local_loss = torch.zeros((), device=params[0].device)
+                if next(iter(local.values())).shape[0] > 0:
+                    summed, _ = loss_fn(local)
+                    (summed / rows).backward()
+                    local_loss = summed.detach() / rows
+                _reduce(group, params, local_loss)
                 history.lr.append(scheduler.get_last_lr()[0])
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                history.loss.append(float(loss.detach()))
+                history.loss.append(float(local_loss))
                 bar.update(1)
                 bar.set_postfix(loss=f"{history.loss[-1]:.4f}")
                 if state_path is not None and step % checkpoint_every == 0:
@@ -246,6 +265,20 @@ def _run(
         if state_path is not None and step > 0:
             save()
     return history
+
+
+def _reduce(group: distributed.Context, params: list[nn.Parameter], loss: torch.Tensor) -> None:
+    """Sums every process's gradients of ``params`` and its loss, in one all-reduce, in place."""
+    if not group.distributed:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1)])
+    group.all_reduce_sum(flat)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    loss.copy_(flat[-1])
 
 
 def distill(
@@ -332,7 +365,7 @@ def fine_tune(
     source = BatchSource(texts, tokenizer, labels, batch_size=batch_size, max_length=max_length, seed=seed)
     arch = architecture_for(model)
 
-    def loss_fn(batch: Batch) -> torch.Tensor:
+    def loss_fn(batch: Batch) -> tuple[torch.Tensor, int]:
         if "labels" not in batch:
             raise ValueError("fine-tuning needs labels: pass labels=... or batches with a 'labels' key")
         inputs = _encode(model, batch)
@@ -340,7 +373,8 @@ def fine_tune(
         logits = (
             teacher_logits(model, arch, states[-1], inputs.mask) if is_patched(model) else arch.head(model, states[-1])
         )
-        return F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
+        labels = batch["labels"].to(logits.device)
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.shape[0]
 
     torch.manual_seed(seed)
     return _run(

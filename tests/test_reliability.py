@@ -134,7 +134,7 @@ BAD_CALLS = {
     "speed above 1": (lambda b: dict(b, speed=1.5), ValueError, r"speed must be in \[0, 1\]"),
     "negative speed": (lambda b: dict(b, speed=-0.1), ValueError, r"speed must be in \[0, 1\]"),
     "NaN speed": (lambda b: dict(b, speed=float("nan")), ValueError, r"speed must be in \[0, 1\], got nan"),
-    "speed not a number": (lambda b: dict(b, speed="fast"), TypeError, "speed must be a float"),
+    "speed not a number": (lambda b: dict(b, speed="fast"), TypeError, "speed must be a real"),
     "empty batch": (
         lambda b: {"input_ids": b["input_ids"][:0], "attention_mask": b["attention_mask"][:0]},
         ValueError,

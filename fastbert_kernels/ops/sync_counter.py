@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 _aten = torch.ops.aten
 # Ops whose result needs the tensor's values on the host (a sync on a GPU).
@@ -71,10 +71,14 @@ def host_read(tensor: torch.Tensor) -> list:
     return tensor.tolist()
 
 
-def count_triton_launch() -> None:
+def counted_launch() -> contextlib.AbstractContextManager:
+    """Around one Triton launch: counts it, and hides what the launch itself dispatches (under
+    ``TRITON_INTERPRET=1`` the interpreter runs the kernel as torch ops, which a GPU would not)."""
     counts = _active.get()
-    if counts is not None:
-        counts.triton_launches += 1
+    if counts is None:
+        return contextlib.nullcontext()
+    counts.triton_launches += 1
+    return _disable_current_modes()
 
 
 def _is_device_to_host(func, args, kwargs) -> bool:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import folding
-from .sync_counter import count_triton_launch, host_read
+from .sync_counter import counted_launch, host_read
 from .types import BranchWeights
 
 try:
@@ -114,8 +114,7 @@ def _launch(kernel, grid: tuple[int, ...], device: torch.device, *args, num_warp
     if launches is not None:
         launches.append(Launch(kernel, args, constexprs, num_warps))
         return
-    count_triton_launch()
-    with device_guard(device):
+    with counted_launch(), device_guard(device):
         kernel[grid](*args, num_warps=num_warps, **constexprs)
 
 

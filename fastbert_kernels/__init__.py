@@ -16,6 +16,7 @@ from . import ops
 from .architectures import ARCHITECTURES
 from .branch import BranchClassifier
 from .config import FastBertConfig
+from .corpus import classify_corpus
 from .modeling import FastBertOutput, fastbert_config, is_patched, patch, students, unpatch
 from .pipelines import FastBertTextClassificationPipeline, pipeline
 from .serialization import from_pretrained
@@ -31,6 +32,7 @@ __all__ = [
     "FastBertTextClassificationPipeline",
     "TrainHistory",
     "__version__",
+    "classify_corpus",
     "distill",
     "fastbert_config",
     "fine_tune",

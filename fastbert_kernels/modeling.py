@@ -86,14 +86,20 @@ def adaptive_forward(
     position_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-    speed: float | None = None,
+    speed: float | torch.Tensor | None = None,
     return_dict: bool | None = None,
     **kwargs,
 ) -> FastBertOutput | tuple:
     """Batched FastBERT inference; the patched model's ``forward``. ``speed`` defaults to the
     model's ``fastbert_config.default_speed``; speed 0 computes no branch and equals the unpatched
-    model. Shapes: inputs ``[B, S]``; outputs as in :class:`FastBertOutput`."""
+    model. ``speed`` may also be a float tensor ``[B]``: one threshold per row (latency tiers in one
+    batch), carried through compaction with the rows. Shapes: inputs ``[B, S]``; outputs as in
+    :class:`FastBertOutput`."""
     config = fastbert_config(self)
+    per_row = None
+    if isinstance(speed, torch.Tensor) and speed.dim() == 1:
+        per_row = check_row_speeds(speed, input_ids if input_ids is not None else inputs_embeds, self)
+        speed = float(per_row.max())  # the one number that decides between the paths below
     speed = check_speed(config.default_speed if speed is None else speed)
     for flag in ("output_attentions", "output_hidden_states"):
         if kwargs.pop(flag, False):
@@ -119,7 +125,7 @@ def adaptive_forward(
     if speed == 0.0:
         out_logits, out_layer, out_uncertainty = _full_depth(self, arch, layers, inputs)
     else:
-        out_logits, out_layer, out_uncertainty = _adaptive(self, arch, layers, inputs, speed)
+        out_logits, out_layer, out_uncertainty = _adaptive(self, arch, layers, inputs, speed, per_row)
     loss = None if labels is None else classification_loss(out_logits, labels, num_items_in_batch)
     output = FastBertOutput(loss=loss, logits=out_logits, exit_layer=out_layer, uncertainty=out_uncertainty)
     use_dict = self.config.return_dict if return_dict is None else return_dict
@@ -162,8 +168,27 @@ def _full_depth(model, arch: Architecture, layers, inputs: EncoderInputs):
     return logits.to(torch.float32), exit_layer, normalized_entropy(logits)
 
 
-def _adaptive(model, arch: Architecture, layers, inputs: EncoderInputs, speed: float):
+def check_row_speeds(speed: torch.Tensor, inputs: torch.Tensor | None, model: nn.Module) -> torch.Tensor:
+    """A per-row ``speed [B]`` as float32 on the model's device, or an error that says what is wrong."""
+    device = next(model.parameters()).device
+    rows = None if inputs is None else inputs.shape[0]
+    if not speed.is_floating_point():
+        raise TypeError(f"a per-row speed must be a float tensor [B], got {speed.dtype}")
+    if rows is not None and speed.shape != (rows,):
+        raise ValueError(f"a per-row speed must have shape [B] = [{rows}], got {tuple(speed.shape)}")
+    if speed.device != device:
+        raise ValueError(f"speed is on {speed.device} but the model is on {device}")
+    if not bool(((speed >= 0) & (speed <= 1)).all()):  # NaN fails both comparisons
+        raise ValueError("every per-row speed must be in [0, 1]")
+    return speed.float()
+
+
+def _adaptive(
+    model, arch: Architecture, layers, inputs: EncoderInputs, speed: float, per_row: torch.Tensor | None = None
+):
     """Layers with exits; returns logits ``[B, C]``, exit layer ``[B]`` and uncertainty ``[B]``.
+    With ``per_row`` ``[B]``, row r exits when its uncertainty is below ``per_row[r]`` (looked up
+    through the original-row map, so compaction needs nothing more).
 
     Host syncs: one per forward (the input check) and one per layer that runs a branch (inside
     compaction, for the survivors' count, length and padding); the mask is rebuilt from what
@@ -190,6 +215,8 @@ def _adaptive(model, arch: Architecture, layers, inputs: EncoderInputs, speed: f
         logits, uncertainty, exits = ops.exit_head(
             hidden, mask, student_branches[index].weights(), config.branch_heads, speed
         )
+        if per_row is not None:
+            exits = uncertainty < per_row[rows]
         found = torch.cat([logits, uncertainty[:, None], torch.full_like(uncertainty[:, None], index + 1)], dim=1)
         answers[rows] = torch.where(exits[:, None], found, answers[rows])
         kept = ops.compact(hidden, mask, rows, ~exits, config.trim_sequence)

@@ -223,7 +223,7 @@ def test_speed_accepts_any_real_scalar(speed):
     assert torch.equal(out.exit_layer, expected.exit_layer)
 
 
-@pytest.mark.parametrize("speed", [torch.tensor([0.5, 0.5]), "0.5", None.__class__, True])
+@pytest.mark.parametrize("speed", [torch.tensor([[0.5]]), "0.5", None.__class__, True])
 def test_speed_of_the_wrong_kind_says_so(speed):
     model = fbk.patch(tiny_model("bert"))
     with pytest.raises(TypeError, match="speed must be a real"):
@@ -271,3 +271,33 @@ def test_export_at_speed_above_zero_fails_in_one_line():
     batch = random_batch(2, 6)
     with pytest.raises(Exception, match=r"torch\.export supports a patched model at speed=0 only"):
         torch.export.export(model, args=(), kwargs={**batch, "speed": 0.5}, strict=False)
+
+
+def test_per_row_speed_answers_each_row_at_its_own_speed(backend, device):
+    model = fbk.patch(tiny_model("bert", device=device))
+    spread_branches(model)
+    batch = random_batch(12, 10, device=device)
+    speeds = torch.tensor([0.0, 0.3, 0.6, 0.95] * 3, device=device)
+    with torch.no_grad():
+        out = model(**batch, speed=speeds)
+        for value in speeds.unique().tolist():
+            rows = speeds == value
+            alone = model(**batch, speed=value)
+            assert torch.equal(out.exit_layer[rows], alone.exit_layer[rows]), value
+            torch.testing.assert_close(out.logits[rows], alone.logits[rows], atol=1e-5, rtol=1e-5)
+    assert (out.exit_layer[speeds == 0] == 4).all()
+
+
+@pytest.mark.parametrize(
+    "speed,error,message",
+    [
+        (torch.tensor([0.5, 0.5]), ValueError, "shape"),
+        (torch.tensor([0, 1, 0]), TypeError, "float tensor"),
+        (torch.tensor([0.5, 1.5, 0.2]), ValueError, r"in \[0, 1\]"),
+        (torch.tensor([0.5, float("nan"), 0.2]), ValueError, r"in \[0, 1\]"),
+    ],
+)
+def test_per_row_speed_checks(speed, error, message):
+    model = fbk.patch(tiny_model("bert"))
+    with pytest.raises(error, match=message):
+        model(**random_batch(3, 5), speed=speed)

@@ -7,11 +7,9 @@ builds inputs and masks the same way the unpatched model does.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
 
 from .architectures import Architecture
 from .ops.sync_counter import host_read
@@ -78,6 +76,12 @@ def embed(
     limit = arch.max_length(model.config)
     if shape[1] > limit:
         raise ValueError(f"sequence length {shape[1]} exceeds the model's position limit {limit}; truncate the inputs")
+    for name, extra, taken in (
+        ("token_type_ids", token_type_ids, arch.token_types),
+        ("position_ids", position_ids, arch.positions),
+    ):
+        if extra is not None and not taken:
+            raise ValueError(f"{model.config.model_type} models take no {name}")
     # position_ids may also be [1, S], shared by every row, as Hugging Face broadcasts them.
     for name, extra, shapes in (
         ("token_type_ids", token_type_ids, (shape,)),
@@ -95,45 +99,28 @@ def embed(
         if not every_row_has_a_token:
             empty_rows = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
             raise ValueError(f"attention_mask rows {empty_rows[:10]} have no tokens; every sample needs one")
-    hidden = arch.base_model(model).embeddings(
-        input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
-    )
+    hidden = arch.embed(model, arch.base_model(model), input_ids, token_type_ids, position_ids, inputs_embeds, mask)
     return EncoderInputs(hidden, mask, padded)
 
 
-_HELPER_TAKES_SKIP = "allow_is_bidirectional_skip" in inspect.signature(create_bidirectional_mask).parameters
+def layer_context(model: nn.Module, arch: Architecture, hidden: torch.Tensor, mask: torch.Tensor, padded=None):
+    """What every layer needs for the current rows besides their hidden states (the attention mask,
+    and per model type relative or rotary positions); rebuild it after every compaction."""
+    return arch.context(model, hidden, mask, padded)
 
 
-def layer_mask(config, hidden: torch.Tensor, mask: torch.Tensor, padded: bool | None = None):
-    """The mask the layers expect for the configured attention backend, built by transformers itself
-    (sdpa: bool ``[B,1,S,S]`` or None; eager: additive float). A bool mask under eager is silently
-    wrong, so it is never built by hand; rebuild after every compaction.
-
-    ``padded`` is whether any token of ``mask`` is masked, when the caller already knows it (the
-    input check and compaction compute it): transformers would otherwise find out with
-    ``mask.all()``, a device-to-host sync on a GPU. Without padding its answer is "no mask" (None)
-    for every backend, and with padding it materialises the mask, so both are asked for directly.
-    """
-    if padded is None:
-        return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
-    if not padded:
-        return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=None)
-    # Older transformers 5 releases (5.0 has no such option) check the mask themselves: one sync more.
-    skip_check = {"allow_is_bidirectional_skip": False} if _HELPER_TAKES_SKIP else {}
-    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask, **skip_check)
-
-
-def run_layer(layer: nn.Module, hidden: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
-    out = layer(hidden, attention)
-    # transformers 5 returns the tensor; 4.x returned a tuple.
-    return out[0] if isinstance(out, tuple) else out
+def run_layers(model: nn.Module, arch: Architecture, layers, hidden: torch.Tensor, context) -> torch.Tensor:
+    """The output of ``layers`` (depths 0, 1, ...) on ``hidden``; only the last state is kept."""
+    for index, layer in enumerate(layers):
+        hidden = arch.run(model, index, layer, hidden, context)
+    return hidden
 
 
 def all_layer_states(model: nn.Module, arch: Architecture, inputs: EncoderInputs) -> list[torch.Tensor]:
     """Hidden states after every layer ``[L]`` x ``[B, S, H]``, with no exits (training, evaluation)."""
+    context = layer_context(model, arch, inputs.hidden, inputs.mask, inputs.padded)
     hidden, states = inputs.hidden, []
-    attention = layer_mask(model.config, hidden, inputs.mask, inputs.padded)
-    for layer in arch.layers(model):
-        hidden = run_layer(layer, hidden, attention)
+    for index, layer in enumerate(arch.layers(model)):
+        hidden = arch.run(model, index, layer, hidden, context)
         states.append(hidden)
     return states

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import flops
 from .architectures import architecture_for
-from .encoder import all_layer_states, embed, layer_mask, run_layer
+from .encoder import all_layer_states, embed, layer_context, run_layers
 from .modeling import fastbert_config, students, teacher_logits
 from .ops.reference import normalized_entropy
 
@@ -79,9 +79,8 @@ def static_depth_predict(model, batches: list[Batch], depth: int) -> torch.Tenso
     outputs = []
     for b in batches:
         inputs = embed(model, arch, b["input_ids"], b.get("attention_mask"), b.get("token_type_ids"))
-        hidden, attention = inputs.hidden, layer_mask(model.config, inputs.hidden, inputs.mask, inputs.padded)
-        for layer in layers[:depth]:
-            hidden = run_layer(layer, hidden, attention)
+        context = layer_context(model, arch, inputs.hidden, inputs.mask, inputs.padded)
+        hidden = run_layers(model, arch, layers[:depth], inputs.hidden, context)
         if depth == len(layers):
             outputs.append(teacher_logits(model, arch, hidden, inputs.mask).float())
         else:

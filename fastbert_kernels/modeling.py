@@ -24,7 +24,7 @@ from . import ops
 from .architectures import Architecture, architecture_for
 from .branch import BranchClassifier
 from .config import FastBertConfig, check_speed
-from .encoder import EncoderInputs, embed, layer_mask, run_layer
+from .encoder import EncoderInputs, embed, layer_context, run_layers
 from .ops.reference import normalized_entropy
 
 BRANCHES_ATTR = "fastbert_branches"
@@ -75,7 +75,7 @@ def teacher_logits(model: nn.Module, arch: Architecture, hidden: torch.Tensor, m
     """The teacher's logits on the last layer's output ``[N, S, H]`` -> ``[N, C]``."""
     if fastbert_config(model).teacher == "branch":
         return branches(model)[-1](hidden, mask)
-    return arch.head(model, hidden)
+    return arch.head(model, hidden, mask)
 
 
 def adaptive_forward(
@@ -160,9 +160,8 @@ def classification_loss(
 def _full_depth(model, arch: Architecture, layers, inputs: EncoderInputs):
     """Speed 0: exactly the unpatched computation (no branch, no compaction, no bookkeeping)."""
     hidden, mask = inputs.hidden, inputs.mask
-    attention = layer_mask(model.config, hidden, mask, inputs.padded)
-    for layer in layers:
-        hidden = run_layer(layer, hidden, attention)
+    context = layer_context(model, arch, hidden, mask, inputs.padded)
+    hidden = run_layers(model, arch, layers, hidden, context)
     logits = teacher_logits(model, arch, hidden, mask)
     exit_layer = torch.full((hidden.shape[0],), len(layers), dtype=torch.int64, device=hidden.device)
     return logits.to(torch.float32), exit_layer, normalized_entropy(logits)
@@ -207,9 +206,9 @@ def _adaptive(
     # The survivors' count is data-dependent: eager stops as soon as nobody is left; a compiled
     # graph cannot branch on it and runs the remaining layers on an empty batch instead.
     eager = not torch.compiler.is_compiling()
-    attention = layer_mask(model.config, hidden, mask, inputs.padded)
+    context = layer_context(model, arch, hidden, mask, inputs.padded)
     for index, layer in enumerate(layers):
-        hidden = run_layer(layer, hidden, attention)
+        hidden = arch.run(model, index, layer, hidden, context)
         if index == num_layers - 1:
             break
         logits, uncertainty, exits = ops.exit_head(
@@ -223,8 +222,8 @@ def _adaptive(
         hidden, mask, rows = kept.hidden, kept.mask, kept.rows
         if eager and rows.shape[0] == 0:
             break
-        if kept.changed:  # otherwise nobody left, nothing was trimmed, and the layer mask still holds
-            attention = layer_mask(model.config, hidden, mask, kept.padded)
+        if kept.changed:  # otherwise nobody left, nothing was trimmed, and the layer context still holds
+            context = layer_context(model, arch, hidden, mask, kept.padded)
     if not eager or rows.shape[0]:
         final = teacher_logits(model, arch, hidden, mask)
         answers[rows, :num_labels] = final.to(torch.float32)

@@ -371,7 +371,9 @@ def fine_tune(
         inputs = _encode(model, batch)
         states = all_layer_states(model, arch, inputs)
         logits = (
-            teacher_logits(model, arch, states[-1], inputs.mask) if is_patched(model) else arch.head(model, states[-1])
+            teacher_logits(model, arch, states[-1], inputs.mask)
+            if is_patched(model)
+            else arch.head(model, states[-1], inputs.mask)
         )
         labels = batch["labels"].to(logits.device)
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.shape[0]

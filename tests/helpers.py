@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import transformers
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 import fastbert_kernels as fbk
@@ -28,16 +29,66 @@ def tiny_model(
     )
     if kind == "bert":
         model = BertForSequenceClassification(BertConfig(max_position_embeddings=MAX_POSITIONS, **common))
-    elif kind == "roberta":
-        config = RobertaConfig(max_position_embeddings=MAX_POSITIONS + 2, pad_token_id=1, **common)
-        model = RobertaForSequenceClassification(config)
+    elif kind in ("roberta", "camembert"):
+        config_class, model_class = (
+            (RobertaConfig, RobertaForSequenceClassification)
+            if kind == "roberta"
+            else (transformers.CamembertConfig, transformers.CamembertForSequenceClassification)
+        )
+        model = model_class(config_class(max_position_embeddings=MAX_POSITIONS + 2, pad_token_id=1, **common))
     else:
-        raise ValueError(kind)
+        model = _other_model(kind, common)
     # A sharper teacher than the 0.02 initialisation gives, so its distribution says something.
     with torch.no_grad():
         for p in model.classifier.parameters():
             p.normal_(0, 0.5)
     return model.to(device).eval()
+
+
+# Tiny configurations of the other supported model types, each with what makes it different.
+def _other_model(kind: str, common: dict):
+    size, layers, heads = common["hidden_size"], common["num_hidden_layers"], common["num_attention_heads"]
+    base = dict(vocab_size=VOCAB, num_labels=common["num_labels"], attn_implementation=common["attn_implementation"])
+    if kind == "distilbert":
+        config = transformers.DistilBertConfig(
+            dim=size, n_layers=layers, n_heads=heads, hidden_dim=2 * size, max_position_embeddings=MAX_POSITIONS,
+            dropout=0.1, attention_dropout=0.1, **base,
+        )  # fmt: skip
+        return transformers.DistilBertForSequenceClassification(config)
+    if kind == "albert":
+        # E < H (projected before layer 1), and 4 depths sharing 2 layer groups.
+        config = transformers.AlbertConfig(
+            embedding_size=16, hidden_size=size, num_hidden_layers=layers, num_hidden_groups=2, inner_group_num=1,
+            num_attention_heads=heads, intermediate_size=2 * size, max_position_embeddings=MAX_POSITIONS,
+            hidden_dropout_prob=0.1, **base,
+        )  # fmt: skip
+        return transformers.AlbertForSequenceClassification(config)
+    if kind == "electra":
+        config = transformers.ElectraConfig(
+            embedding_size=16, hidden_size=size, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=2 * size, max_position_embeddings=MAX_POSITIONS, hidden_dropout_prob=0.1, **base,
+        )  # fmt: skip
+        return transformers.ElectraForSequenceClassification(config)
+    if kind == "deberta-v2":
+        # Relative attention (content-to-position both ways, log buckets) and the convolution after layer 1.
+        config = transformers.DebertaV2Config(
+            hidden_size=size, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * size,
+            max_position_embeddings=MAX_POSITIONS, relative_attention=True, pos_att_type=["p2c", "c2p"],
+            position_biased_input=False, position_buckets=16, max_relative_positions=MAX_POSITIONS,
+            norm_rel_ebd="layer_norm", share_att_key=True, conv_kernel_size=3, type_vocab_size=0,
+            pooler_hidden_size=size, hidden_dropout_prob=0.1, **base,
+        )  # fmt: skip
+        return transformers.DebertaV2ForSequenceClassification(config)
+    if kind == "modernbert":
+        # Alternating global and sliding-window (8 tokens) attention, rotary positions, mean pooling.
+        config = transformers.ModernBertConfig(
+            hidden_size=size, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * size,
+            max_position_embeddings=MAX_POSITIONS, local_attention=8, global_attn_every_n_layers=2,
+            classifier_pooling="mean", pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2,
+            sep_token_id=3, **base,
+        )  # fmt: skip
+        return transformers.ModernBertForSequenceClassification(config)
+    raise ValueError(kind)
 
 
 def random_batch(

@@ -171,12 +171,12 @@ def test_bad_input_is_rejected_clearly(model, case):
 
 
 def test_unsupported_model_type():
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    from transformers import MPNetConfig, MPNetForSequenceClassification
 
-    other = DistilBertForSequenceClassification(
-        DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+    other = MPNetForSequenceClassification(
+        MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     )
-    with pytest.raises(TypeError, match=r"model_type=.distilbert..* is not supported"):
+    with pytest.raises(TypeError, match=r"model_type=.mpnet..* is not supported"):
         fbk.patch(other)
 
 

@@ -348,6 +348,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     """Classifies a corpus file with a FastBERT checkpoint; works under torchrun."""
+    from . import distributed
     from .corpus import classify_corpus
 
     model, tokenizer = _load_for_cli(args.checkpoint)
@@ -362,7 +363,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         workers=args.workers,
     )
-    print(f"wrote {out}")
+    if distributed.context().is_main:
+        print(f"wrote {out}")
     return 0
 
 

@@ -141,12 +141,21 @@ def flops_speedup(
     the paper does, or (``fused``) as the fused kernel runs them; ``branches=False`` for speed 0,
     where no branch runs."""
     c = model.config
-    width = fastbert_config(model).branch_size
+    settings = fastbert_config(model)
     full = adapt = 0.0
     for layer, seq in zip(exit_layers.tolist(), seq_lengths.tolist(), strict=True):
         full += flops.model_flops(c.num_hidden_layers, c.hidden_size, c.intermediate_size, seq, c.num_labels)
         adapt += flops.adaptive_flops(
-            layer, c.num_hidden_layers, c.hidden_size, c.intermediate_size, seq, c.num_labels, width, branches, fused
+            layer,
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            seq,
+            c.num_labels,
+            settings.branch_size,
+            branches,
+            fused,
+            settings.branch_heads,
         )
     return full / adapt
 

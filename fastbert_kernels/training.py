@@ -1,6 +1,6 @@
 """Training: fine-tuning the teacher, and self-distillation of the students.
 
-Self-distillation (FASTBERT.md): backbone and teacher frozen; every student i learns the teacher's
+Self-distillation (README, "The algorithm"): backbone and teacher frozen; every student i learns the teacher's
 distribution on unlabelled text,  loss = sum_i KL(p_teacher || p_student_i)  (the authors' code's
 direction). The learning-rate schedule is linear warm-up then linear decay to zero over *this*
 run's own step count (the authors' code reused the fine-tuning step count, so the rate hit zero early).

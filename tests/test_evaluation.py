@@ -12,7 +12,7 @@ from fastbert_kernels.evaluation import choose_speed, exit_profile, flops_speedu
 
 
 def test_flops_match_the_paper():
-    # FASTBERT.md: one BERT-base layer 1809.9M, one branch 46.1M, at sequence 128.
+    # The paper's counts: one BERT-base layer 1809.9M, one branch 46.1M, at sequence 128.
     assert flops.branch_flops(768, 128, 2) == pytest.approx(46.1e6, rel=0.01)
     assert flops.layer_flops(768, 3072, 128) == pytest.approx(1809.9e6, rel=0.04)
     full = flops.model_flops(12, 768, 3072, 128, 2)

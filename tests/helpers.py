@@ -131,3 +131,18 @@ def random_branch_weights(h: int, r: int, c: int, dtype=torch.float32) -> Branch
     w_pool, b_pool = linear(r, r)
     w_cls, b_cls = linear(c, r)
     return BranchWeights(w_in, b_in, w_qkv, b_qkv, w_out, b_out, w_pool, b_pool, w_cls * 3, b_cls)
+
+
+def word_tokenizer():
+    """A fast BERT tokenizer over the words w0, w1, ... (ids 5 on) with [CLS]/[SEP]: real tokenisation
+    for pipelines, distillation from texts and saved checkpoints, without downloading a vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(VOCAB - 5))]
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    inner.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return BertTokenizerFast(tokenizer_object=inner, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_model
+from helpers import VOCAB, tiny_model, word_tokenizer
 from safetensors.torch import load_file
 from transformers import BertTokenizerFast
 
@@ -26,25 +26,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZER
 ENV.pop("TRITON_INTERPRET", None)
 
 
-def _tokenizer() -> BertTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(VOCAB - 5))]
-    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    inner.pre_tokenizer = pre_tokenizers.Whitespace()
-    inner.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    return BertTokenizerFast(tokenizer_object=inner, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny patched BERT with its tokenizer, and a corpus of random word sequences."""
     directory = tmp_path_factory.mktemp("checkpoint")
     model = fbk.patch(tiny_model("bert"))
     model.save_pretrained(directory)
-    _tokenizer().save_pretrained(directory)
+    word_tokenizer().save_pretrained(directory)
     generator = torch.Generator().manual_seed(0)
     lines = []
     for _ in range(400):

@@ -88,27 +88,16 @@ def test_triton_launch_guards_the_tensors_device():
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
+def _nvcc(source: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    command = ["nvcc", "-c", "-std=c++20", *flags, f"-I{ROOT / 'csrc' / 'include'}", str(source), "-o", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
 def test_cuda_source_compiles(source, arch, tmp_path):
-    result = subprocess.run(
-        [
-            "nvcc",
-            "-c",
-            "-std=c++20",
-            f"-arch={arch}",
-            "-Werror",
-            "all-warnings",
-            f"-I{ROOT / 'csrc' / 'include'}",
-            str(source),
-            "-o",
-            str(tmp_path / "out.o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _nvcc(source, tmp_path / "out.o", f"-arch={arch}", "-Werror", "all-warnings")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out.o").stat().st_size > 0
 
@@ -117,23 +106,7 @@ def test_cuda_source_compiles(source, arch, tmp_path):
 def test_cuda_kernels_use_no_local_memory(tmp_path):
     """ptxas -v: no stack frame (a per-thread array indexed at run time lands there) and no spills."""
     for source in CUDA_SOURCES:
-        result = subprocess.run(
-            [
-                "nvcc",
-                "-c",
-                "-std=c++20",
-                "-arch=sm_90",
-                "-Xptxas",
-                "-v",
-                f"-I{ROOT / 'csrc' / 'include'}",
-                str(source),
-                "-o",
-                str(tmp_path / "out.o"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = _nvcc(source, tmp_path / "out.o", "-arch=sm_90", "-Xptxas", "-v")
         assert result.returncode == 0, result.stderr
         frames = re.findall(
             r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import VOCAB, random_batch, rig_student, spread_branches, tiny_model
+from helpers import VOCAB, random_batch, rig_student, spread_branches, tiny_model, word_tokenizer
 from transformers import (
     BertConfig,
     BertForMultipleChoice,
@@ -152,12 +152,9 @@ def test_early_exit_in_train_mode_raises_under_any_grad_mode(grad_mode):
 
 
 def test_pipeline_runs_at_a_speed_with_exit_layers():
-    from transformers import BertTokenizerFast
-
     model = fbk.patch(tiny_model("bert"))
     rig_student(model, 1, confident=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(VOCAB - 5))]
-    tokenizer = BertTokenizerFast(vocab=None, tokenizer_object=_word_level(vocab))
+    tokenizer = word_tokenizer()
     classify = fbk.pipeline(model, tokenizer, speed=0.5)
     (single,) = classify("w1 w2 w3")
     assert single["exit_layer"] == 1 and set(single) == {"label", "score", "exit_layer"}
@@ -171,17 +168,6 @@ def test_pipeline_runs_at_a_speed_with_exit_layers():
     assert plain("w1 w2")[0]["label"] == single["label"]
     with pytest.raises(ValueError, match="speed"):
         classify("w1", speed=1.5)
-
-
-def _word_level(vocab: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    return tokenizer
 
 
 @pytest.mark.parametrize(
@@ -251,19 +237,12 @@ def test_distill_takes_series_and_arrays_but_not_one_string():
 
     model = fbk.patch(tiny_model("bert"))
     tokenizer_texts = [" ".join(f"w{i}" for i in range(k, k + 4)) for k in range(6)]
-    tokenizer = _fast_tokenizer()
+    tokenizer = word_tokenizer()
     for texts in (pd.Series(tokenizer_texts), np.array(tokenizer_texts)):
         history = fbk.distill(model, texts, tokenizer, epochs=1, batch_size=3, progress=False)
         assert history.steps == 2
     with pytest.raises(TypeError, match="one string"):
         fbk.distill(model, "a single review", tokenizer, progress=False)
-
-
-def _fast_tokenizer():
-    from transformers import BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(VOCAB - 5))]
-    return BertTokenizerFast(tokenizer_object=_word_level(vocab))
 
 
 def test_export_at_speed_above_zero_fails_in_one_line():

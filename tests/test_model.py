@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_batch, rig_student, spread_branches, tiny_model
+from helpers import random_batch, rig_student, spread_branches, tiny_model, word_tokenizer
 
 import fastbert_kernels as fbk
 from fastbert_kernels.evaluation import exit_profile
@@ -217,13 +217,7 @@ def test_distillation_lowers_kl_and_freezes_backbone(teacher):
 
 
 def test_distill_from_texts_with_tokenizer(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(90)}}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer = word_tokenizer()
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 90, (int(torch.randint(3, 15, ())),))) for _ in range(40)]
     model = fbk.patch(tiny_model("bert"))
     history = fbk.distill(model, texts, tokenizer, batch_size=8, progress=False)

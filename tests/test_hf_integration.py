@@ -233,7 +233,7 @@ def test_position_ids_broadcast_like_hugging_face():
 
 
 def test_distill_takes_series_and_arrays_but_not_one_string():
-    import pandas as pd
+    pd = pytest.importorskip("pandas")
 
     model = fbk.patch(tiny_model("bert"))
     tokenizer_texts = [" ".join(f"w{i}" for i in range(k, k + 4)) for k in range(6)]

@@ -31,6 +31,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import fastbert_kernels as fbk
+from fastbert_kernels.branch import BranchClassifier
 from fastbert_kernels.evaluation import exit_profile
 from fastbert_kernels.ops import BACKENDS
 from fastbert_kernels.ops.sync_counter import counting
@@ -82,13 +83,14 @@ def run_tests(timeout: int) -> dict:
     return {"returncode": result.returncode, "summary": lines[-1] if lines else result.stderr[-500:]}
 
 
-def _branch_weights(h: int, r: int, c: int, device, dtype) -> BranchWeights:
-    shapes = [(r, h), (r,), (3 * r, r), (3 * r,), (r, r), (r,), (r, r), (r,), (c, r), (c,)]
-    return (
-        BranchWeights(*(torch.randn(s, device=device) / math.sqrt(s[-1]) for s in shapes))
-        .float()
-        ._replace(w_in=(torch.randn(r, h, device=device) / math.sqrt(h)).to(dtype))
-    )
+def _branch_weights(h: int, r: int, c: int, device) -> BranchWeights:
+    """A branch's weights (the model's own module, so the shapes are not restated), scaled so that
+    its answers are confident enough to split a batch."""
+    branch = BranchClassifier(h, c, r).to(device)
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.normal_(0, 1 / math.sqrt(p.shape[-1]))
+    return BranchWeights(*(t.detach() for t in branch.weights()))
 
 
 def time_ops(device: torch.device, quick: bool, repeats: int) -> list[dict]:
@@ -100,7 +102,7 @@ def time_ops(device: torch.device, quick: bool, repeats: int) -> list[dict]:
             hidden = torch.randn(n, s, h, device=device).to(dtype)
             lengths = torch.randint(1, s + 1, (n,), device=device)
             mask = (torch.arange(s, device=device)[None, :] < lengths[:, None]).long()
-            weights = _branch_weights(h, 128, c, device, dtype)
+            weights = _branch_weights(h, 128, c, device)
             rows_index = torch.arange(n, device=device)
             keep = torch.rand(n, device=device) < 0.5
             for name, backend in BACKENDS.items():

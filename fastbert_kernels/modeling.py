@@ -24,8 +24,9 @@ from . import ops
 from .architectures import Architecture, architecture_for
 from .branch import BranchClassifier
 from .config import FastBertConfig, check_speed
-from .encoder import EncoderInputs, embed, layer_context, run_layers
+from .encoder import EncoderInputs, embed, layer_context, model_device, run_layers
 from .ops.reference import normalized_entropy
+from .ops.sync_counter import host_read
 
 BRANCHES_ATTR = "fastbert_branches"
 CONFIG_ATTR = "fastbert_config"
@@ -98,8 +99,8 @@ def adaptive_forward(
     config = fastbert_config(self)
     per_row = None
     if isinstance(speed, torch.Tensor) and speed.dim() == 1:
-        per_row = check_row_speeds(speed, input_ids if input_ids is not None else inputs_embeds, self)
-        speed = float(per_row.max())  # the one number that decides between the paths below
+        # The largest speed is the one number that decides between the paths below.
+        per_row, speed = check_row_speeds(speed, input_ids if input_ids is not None else inputs_embeds, self)
     speed = check_speed(config.default_speed if speed is None else speed)
     for flag in ("output_attentions", "output_hidden_states"):
         if kwargs.pop(flag, False):
@@ -167,9 +168,10 @@ def _full_depth(model, arch: Architecture, layers, inputs: EncoderInputs):
     return logits.to(torch.float32), exit_layer, normalized_entropy(logits)
 
 
-def check_row_speeds(speed: torch.Tensor, inputs: torch.Tensor | None, model: nn.Module) -> torch.Tensor:
-    """A per-row ``speed [B]`` as float32 on the model's device, or an error that says what is wrong."""
-    device = next(model.parameters()).device
+def check_row_speeds(speed: torch.Tensor, inputs: torch.Tensor | None, model: nn.Module) -> tuple[torch.Tensor, float]:
+    """A per-row ``speed [B]`` as float32 on the model's device and its largest value, or an error
+    that says what is wrong."""
+    device = model_device(model)
     rows = None if inputs is None else inputs.shape[0]
     if not speed.is_floating_point():
         raise TypeError(f"a per-row speed must be a float tensor [B], got {speed.dtype}")
@@ -177,9 +179,12 @@ def check_row_speeds(speed: torch.Tensor, inputs: torch.Tensor | None, model: nn
         raise ValueError(f"a per-row speed must have shape [B] = [{rows}], got {tuple(speed.shape)}")
     if speed.device != device:
         raise ValueError(f"speed is on {speed.device} but the model is on {device}")
-    if not bool(((speed >= 0) & (speed <= 1)).all()):  # NaN fails both comparisons
+    speed = speed.float()
+    # Validity and the largest speed in one host read (NaN fails both comparisons).
+    valid, largest = host_read(torch.stack([((speed >= 0) & (speed <= 1)).all().float(), speed.max()]))
+    if not valid:
         raise ValueError("every per-row speed must be in [0, 1]")
-    return speed.float()
+    return speed, largest
 
 
 def _adaptive(

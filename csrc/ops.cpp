@@ -1,45 +1,27 @@
-// Registers the compiled kernels as torch ops in the `fastbert_C` namespace. The public ops
-// (`fastbert::exit_head`, `fastbert::compact`, defined in fastbert_kernels/ops/custom_ops.py) take
-// the paper's weights and route to these through the package's single dispatch point.
+// Registers the compiled kernels as the CPU and CUDA implementations of the ops `fastbert::exit_head`,
+// `fastbert::compact_plan` and `fastbert::compact_gather`, whose schemas are defined once, in
+// fastbert_kernels/ops/library.py (imported before this extension). A call on CPU tensors then goes
+// from the dispatcher straight to C++, in eager and compiled code alike. The dispatcher infers
+// each function's schema from its C++ signature and checks it against the defined one, so the two
+// cannot drift without the import failing.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "fastbert/kernels.h"
 
 namespace fastbert {
-namespace {
 
-template <auto Kernel>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_entry(
-    const at::Tensor& hidden, const at::Tensor& mask, const at::Tensor& w_in, const at::Tensor& b_in,
-    const at::Tensor& w_qk, const at::Tensor& b_qk, const at::Tensor& w_ov, const at::Tensor& b_ov,
-    const at::Tensor& w_pool, const at::Tensor& b_pool, const at::Tensor& w_cls, const at::Tensor& b_cls,
-    int64_t num_heads, double speed) {
-  return Kernel(hidden, mask, FoldedWeights{w_in, b_in, w_qk, b_qk, w_ov, b_ov, w_pool, b_pool, w_cls, b_cls},
-                num_heads, speed);
-}
-
-}  // namespace
-
-TORCH_LIBRARY(fastbert_C, m) {
-  m.def(
-      "exit_head_folded(Tensor hidden, Tensor mask, Tensor w_in, Tensor b_in, Tensor w_qk, Tensor b_qk, "
-      "Tensor w_ov, Tensor b_ov, Tensor w_pool, Tensor b_pool, Tensor w_cls, Tensor b_cls, int num_heads, "
-      "float speed) -> (Tensor logits, Tensor uncertainty, Tensor exits)");
-  m.def(
-      "compact(Tensor hidden, Tensor mask, Tensor rows, Tensor keep, bool trim) -> (Tensor hidden, Tensor mask, "
-      "Tensor rows, bool padded)");
-}
-
-TORCH_LIBRARY_IMPL(fastbert_C, CPU, m) {
-  m.impl("exit_head_folded", &exit_head_entry<exit_head_cpu>);
-  m.impl("compact", &compact_cpu);
+TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
+  m.impl("exit_head", &exit_head_cpu);
+  m.impl("compact_plan", &compact_plan_cpu);
+  m.impl("compact_gather", &compact_gather_cpu);
 }
 
 #ifdef FASTBERT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastbert_C, CUDA, m) {
-  m.impl("exit_head_folded", &exit_head_entry<exit_head_cuda>);
-  m.impl("compact", &compact_cuda);
+TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
+  m.impl("exit_head", &exit_head_cuda);
+  m.impl("compact_plan", &compact_plan_cuda);
+  m.impl("compact_gather", &compact_gather_cuda);
 }
 #endif
 
@@ -60,8 +42,9 @@ static PyObject* build_info(PyObject*, PyObject*) {
   const int cuda = 0;
   const char* cuda_archs = "";
 #endif
-  return Py_BuildValue("{s:O,s:O,s:s}", "openmp", openmp ? Py_True : Py_False, "cuda", cuda ? Py_True : Py_False,
-                       "cuda_archs", cuda_archs);
+  // folded_weights: the order the kernels unpack `weights` in (checked against Python by a test).
+  return Py_BuildValue("{s:O,s:O,s:s,s:s}", "openmp", openmp ? Py_True : Py_False, "cuda", cuda ? Py_True : Py_False,
+                       "cuda_archs", cuda_archs, "folded_weights", fastbert::kFoldedWeightNames);
 }
 
 static PyMethodDef methods[] = {{"build_info", build_info, METH_NOARGS, "What this build contains."},

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.reference import branch_logits
-from .ops.types import BranchWeights
+from . import ops
+from .ops.reference import branch_logits, normalized_entropy
+from .ops.types import BranchWeights, FoldedWeights
 
 
 class BranchClassifier(nn.Module):
@@ -14,7 +15,8 @@ class BranchClassifier(nn.Module):
     Linear(R->C). See :func:`fastbert_kernels.ops.reference.branch_logits` for the formula.
 
     Forward (differentiable, used for training): hidden ``[N, S, H]``, mask ``[N, S]`` -> logits ``[N, C]``.
-    Inference goes through the fused op :func:`fastbert_kernels.ops.exit_head` with :meth:`weights`.
+    Inference goes through the fused op :func:`fastbert_kernels.ops.exit_head` with the folded
+    weights, which the branch keeps (:meth:`folded_weights`) and refolds when a parameter changes.
     """
 
     def __init__(self, hidden_size: int, num_labels: int, branch_size: int = 128, num_heads: int = 2) -> None:
@@ -27,6 +29,8 @@ class BranchClassifier(nn.Module):
         self.attn_out = nn.Linear(branch_size, branch_size)
         self.pool = nn.Linear(branch_size, branch_size)
         self.classifier = nn.Linear(branch_size, num_labels)
+        # dtype -> (the parameters' identity, storage and version counters, their folding)
+        self._folded: dict[torch.dtype, tuple[tuple, FoldedWeights]] = {}
 
     def reset_parameters(self, std: float) -> None:
         """BERT's initialisation: weights N(0, std), biases zero."""
@@ -49,5 +53,38 @@ class BranchClassifier(nn.Module):
             self.classifier.bias,
         )
 
+    def folded_weights(self, dtype: torch.dtype) -> FoldedWeights:
+        """The weights folded for the kernels (:meth:`BranchWeights.fold`), ``w_in`` in ``dtype``.
+
+        Folded once and kept. A parameter's version counter moves with every in-place change (an
+        optimiser step, ``load_state_dict``), its storage with ``.to()``, its identity when it is
+        replaced: any of them refolds. Concurrent callers at worst fold twice; an entry is
+        replaced whole, never mutated."""
+        weights = self.weights()
+        state = tuple((id(t), t.data_ptr(), t._version) for t in weights)
+        entry = self._folded.get(dtype)
+        if entry is None or entry[0] != state:
+            entry = (state, weights.fold(self.num_heads, dtype))
+            self._folded[dtype] = entry
+        return entry[1]
+
+    def exit_decision(
+        self, hidden: torch.Tensor, mask: torch.Tensor, speed: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits ``[N, C]``, normalised entropy ``u [N]`` and exits ``u < speed`` for one layer's rows.
+
+        The fused op when no gradient is wanted; this module's differentiable forward when one is
+        (an attribution method on an eval-mode model), so gradients are never silently cut."""
+        if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters())):
+            logits = self(hidden, mask)
+            uncertainty = normalized_entropy(logits)
+            return logits, uncertainty, uncertainty < speed
+        return ops.exit_head(hidden, mask, self.folded_weights(hidden.dtype), self.num_heads, speed)
+
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return branch_logits(hidden, mask, self.weights(), self.num_heads)
+
+    def __getstate__(self) -> dict:
+        # The folding is derived state: a copy or pickle refolds from its own parameters.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_folded": {}}

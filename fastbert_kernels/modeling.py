@@ -216,9 +216,7 @@ def _adaptive(
         hidden = arch.run(model, index, layer, hidden, context)
         if index == num_layers - 1:
             break
-        logits, uncertainty, exits = ops.exit_head(
-            hidden, mask, student_branches[index].weights(), config.branch_heads, speed
-        )
+        logits, uncertainty, exits = student_branches[index].exit_decision(hidden, mask, speed)
         if per_row is not None:
             exits = uncertainty < per_row[rows]
         found = torch.cat([logits, uncertainty[:, None], torch.full_like(uncertainty[:, None], index + 1)], dim=1)

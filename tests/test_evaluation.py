@@ -99,7 +99,7 @@ def test_env_command_reports_backends(capsys):
 
     assert main(["env"]) == 0
     out = capsys.readouterr().out
-    assert "backend" in out and "reference" in out and "torch" in out
+    assert "backend" in out and "extension" in out and "torch" in out
 
 
 def test_cli_rejects_bad_speeds():

@@ -8,7 +8,7 @@ import torch
 from helpers import random_branch_weights
 
 from fastbert_kernels import ops
-from fastbert_kernels.ops import BACKENDS, reference
+from fastbert_kernels.ops import FoldedWeights, compiled, reference
 
 # (rows N, sequence S, classes C): covers N in {0, 1, 7, 129}, S in {1, 128}, C in {2, 3, 77}.
 SIZES = [(0, 5, 2), (1, 1, 3), (1, 128, 77), (7, 128, 2), (7, 1, 77), (129, 128, 3), (129, 1, 2)]
@@ -33,7 +33,7 @@ def _compare_exit_head(name: str, n: int, s: int, c: int, dtype: torch.dtype, de
     hidden, mask, weights, heads = _inputs(n, s, c, dtype, r=r, device=device)
     ref_logits, ref_u, _ = reference.exit_head(hidden, mask, weights, heads, 0.5)
     speed = float(ref_u.median()) if n else 0.5  # a threshold that splits the batch
-    logits, u, exits = BACKENDS[name].exit_head(hidden, mask, weights, heads, speed)
+    logits, u, exits = ops.exit_head(hidden, mask, weights.fold(heads, dtype), heads, speed)
     assert logits.shape == (n, c) and logits.dtype == torch.float32
     assert u.shape == (n,) and u.dtype == torch.float32
     assert exits.shape == (n,) and exits.dtype == torch.bool
@@ -67,14 +67,15 @@ def test_exit_head_branch_shapes(backend, device, r, heads):
     hidden, mask, _, _ = _inputs(5, 19, 4, device=device)
     weights = type(w := random_branch_weights(HIDDEN, r, 4))(*(t.to(device) for t in w))
     expected = reference.exit_head(hidden, mask, weights, heads, 0.5)
-    got = BACKENDS[backend].exit_head(hidden, mask, weights, heads, 0.5)
+    got = ops.exit_head(hidden, mask, weights.fold(heads), heads, 0.5)
     torch.testing.assert_close(got[0], expected[0], atol=2e-4, rtol=2e-4)
 
 
 def test_exit_head_speed_bounds(backend, device):
     hidden, mask, weights, heads = _inputs(9, 11, 3, device=device)
-    assert not BACKENDS[backend].exit_head(hidden, mask, weights, heads, 0.0)[2].any()  # u >= 0: nobody
-    _, u, exits = BACKENDS[backend].exit_head(hidden, mask, weights, heads, 1.0)
+    folded = weights.fold(heads)
+    assert not ops.exit_head(hidden, mask, folded, heads, 0.0)[2].any()  # u >= 0: nobody
+    _, u, exits = ops.exit_head(hidden, mask, folded, heads, 1.0)
     assert torch.equal(exits, u < 1.0)
 
 
@@ -92,7 +93,8 @@ def test_compact_bit_exact(backend, device, n, s, trim, dtype):
     keep = torch.rand(n) < 0.5
     hidden, mask, rows, keep = (t.to(device) for t in (hidden, mask, rows, keep))
     expected = reference.compact(hidden, mask, rows, keep, trim)
-    *got, padded = BACKENDS[backend].compact(hidden, mask, rows, keep, trim)
+    *got, padded, changed = ops.compact(hidden, mask, rows, keep, trim)
+    assert changed == (not (bool(keep.all()) and got[0].shape[1] == s))
     for g, e in zip(got, expected[:3], strict=True):
         assert g.shape == e.shape and g.dtype == e.dtype and g.device == hidden.device
         assert torch.equal(g, e)
@@ -131,6 +133,9 @@ def test_compact_single_token_sequences(backend, device, trim):
 
 def test_public_ops_check_inputs():
     hidden, mask, weights, heads = _inputs(3, 5, 2)
+    with pytest.raises(TypeError, match="FoldedWeights"):
+        ops.exit_head(hidden, mask, weights, heads, 0.5)
+    weights = weights.fold(heads)
     with pytest.raises(ValueError, match="hidden must be"):
         ops.exit_head(hidden[0], mask, weights, heads, 0.5)
     with pytest.raises(TypeError, match="mask must be int64"):
@@ -143,80 +148,97 @@ def test_public_ops_check_inputs():
         ops.exit_head(hidden, mask, weights, 5, 0.5)
     with pytest.raises(ValueError, match="w_in"):
         ops.exit_head(hidden[..., :7].contiguous(), mask, weights, heads, 0.5)
+    with pytest.raises(TypeError, match="w_in must have hidden's dtype"):
+        ops.exit_head(hidden.half(), mask, weights, heads, 0.5)
+    with pytest.raises(ValueError, match="inference-only"):
+        ops.exit_head(hidden.requires_grad_(), mask, weights, heads, 0.5)
     with pytest.raises(ValueError, match="keep must be bool"):
         ops.compact(hidden, mask, torch.arange(3), torch.ones(3), True)
     with pytest.raises(ValueError, match="rows must be int64"):
         ops.compact(hidden, mask, torch.arange(2), torch.ones(3, dtype=torch.bool), True)
 
 
-@pytest.mark.skipif(not BACKENDS["cpu"].available()[0], reason="C++ extension not built")
-def test_cpp_checks_name_the_problem():
+@pytest.mark.skipif(compiled.LOAD_ERROR is not None, reason="C++ extension not built")
+def test_cpp_checks_name_the_problem(monkeypatch):
+    monkeypatch.setenv(ops.ENV_VAR, "extension")
+    ops.backends.ensure_registered(torch.device("cpu"))
     hidden, mask, weights, heads = _inputs(3, 5, 2)
     folded = weights.fold(heads)
+    exit_head = torch.ops.fastbert.exit_head
     with pytest.raises(RuntimeError, match="w_qk must have shape"):
-        torch.ops.fastbert_C.exit_head_folded(hidden, mask, *folded._replace(w_qk=folded.w_qk[:5]), heads, 0.5)
+        exit_head(hidden, mask, list(folded._replace(w_qk=folded.w_qk[:5])), heads, 0.5)
+    with pytest.raises(RuntimeError, match="weights must hold the 10 folded tensors"):
+        exit_head(hidden, mask, list(folded)[:9], heads, 0.5)
     with pytest.raises(RuntimeError, match="mask must be Long"):
-        torch.ops.fastbert_C.exit_head_folded(hidden, mask.int(), *folded, heads, 0.5)
+        exit_head(hidden, mask.int(), list(folded), heads, 0.5)
     with pytest.raises(RuntimeError, match="keep must be Bool"):
-        torch.ops.fastbert_C.compact(hidden, mask, torch.arange(3), torch.ones(3), True)
+        torch.ops.fastbert.compact_plan(torch.ones(3), mask, True)
+    index, _ = torch.ops.fastbert.compact_plan(torch.ones(3, dtype=torch.bool), mask, True)
+    with pytest.raises(RuntimeError, match="count must be in"):
+        torch.ops.fastbert.compact_gather(hidden, mask, torch.arange(3), index, 4, 5)
 
 
 def test_forced_backend_fails_loudly(monkeypatch):
     monkeypatch.setenv(ops.ENV_VAR, "nonsense")
     with pytest.raises(ops.BackendUnavailableError, match="not a backend"):
         ops.select_backend(torch.device("cpu"))
-    monkeypatch.setenv(ops.ENV_VAR, "cuda")
-    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+    monkeypatch.setenv(ops.ENV_VAR, "reference")  # an earlier name: the error says the new one
+    with pytest.raises(ops.BackendUnavailableError, match="now 'torch'"):
         ops.select_backend(torch.device("cpu"))
+    # An op call reports it too (importing never does).
+    monkeypatch.setenv(ops.ENV_VAR, "nonsense")
+    hidden, mask, weights, heads = _inputs(2, 3, 2)
+    with pytest.raises(ops.BackendUnavailableError, match="not a backend"):
+        ops.exit_head(hidden, mask, weights.fold(heads), heads, 0.5)
 
 
 def test_automatic_choice_on_cpu(monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    expected = "cpu" if BACKENDS["cpu"].available()[0] else "reference"
+    expected = "extension" if compiled.LOAD_ERROR is None else "torch"
     assert ops.select_backend(torch.device("cpu")).name == expected
 
 
-def test_folded_weights_refold_after_update():
-    hidden, mask, weights, heads = _inputs(4, 6, 3)
-    before = ops.exit_head(hidden, mask, weights, heads, 0.5)[0]
-    with torch.no_grad():
-        weights.w_cls.mul_(2.0)  # in place: same storage, new version
-    after = ops.exit_head(hidden, mask, weights, heads, 0.5)[0]
-    torch.testing.assert_close(after, reference.exit_head(hidden, mask, weights, heads, 0.5)[0], atol=2e-4, rtol=2e-4)
-    assert not torch.allclose(before, after)
-
-
-def test_folded_weights_do_not_outlive_their_tensors():
-    import gc
-
-    from fastbert_kernels.ops import folding
-
-    folding.clear()
+def test_forced_backend_is_the_one_that_runs(monkeypatch):
+    """The environment variable changes the dispatcher's kernel at the next call, and back."""
     hidden, mask, weights, heads = _inputs(3, 5, 2)
-    ops.exit_head(hidden, mask, weights, heads, 0.5)
-    assert folding.cache_size() == 1
-    # A cache hit needs the same tensor objects: equal values in new tensors are folded anew.
-    copy = type(weights)(*(t.clone() for t in weights))
-    ops.exit_head(hidden, mask, copy, heads, 0.5)
-    assert folding.cache_size() == 2
-    del weights, copy
-    gc.collect()
-    # Entries die with their tensors, so a new tensor at a reused address can never hit them.
-    assert folding.cache_size() == 0
+    folded = weights.fold(heads)
+    names = ["torch", *(["extension"] if compiled.LOAD_ERROR is None else [])]
+    for name in [*names, *reversed(names)]:
+        monkeypatch.setenv(ops.ENV_VAR, name)
+        ops.exit_head(hidden, mask, folded, heads, 0.5)
+        assert ops.backends.active_backend("cpu") == name
 
 
-def test_opcheck_exit_head():
-    hidden, mask, weights, heads = _inputs(5, 7, 3)
-    torch.library.opcheck(torch.ops.fastbert.exit_head.default, (hidden, mask, *weights, heads, 0.5))
+def test_op_contract_is_written_once_per_language():
+    """The folded weights' order: Python's FoldedWeights fields, the C++ X-macro (reported by the
+    extension), the schema's single Tensor[] and the fake. The dispatcher checks each C++ kernel's
+    signature against the schema when the extension loads (LOAD_ERROR otherwise)."""
+    from fastbert_kernels.ops.library import SCHEMAS
+
+    assert "Tensor[] weights" in SCHEMAS["exit_head"]
+    if compiled.LOAD_ERROR is None or "schema" in compiled.LOAD_ERROR:
+        assert compiled.LOAD_ERROR is None, compiled.LOAD_ERROR
+        names = [n for n in compiled.BUILD_INFO["folded_weights"].split(",") if n]
+        assert names == list(FoldedWeights._fields)
+    for name, schema in SCHEMAS.items():
+        assert str(getattr(torch.ops.fastbert, name).default._schema) == f"fastbert::{schema}"
 
 
-def test_opcheck_compact():
-    hidden, mask, _, _ = _inputs(5, 7, 3)
-    keep = torch.tensor([True, False, True, True, False])
+def test_opcheck_exit_head(backend, device):
+    hidden, mask, weights, heads = _inputs(5, 7, 3, device=device)
+    ops.backends.ensure_registered(hidden.device)
+    torch.library.opcheck(torch.ops.fastbert.exit_head.default, (hidden, mask, list(weights.fold(heads)), heads, 0.5))
+
+
+def test_opcheck_compact(backend, device):
+    hidden, mask, _, _ = _inputs(5, 7, 3, device=device)
+    keep = torch.tensor([True, False, True, True, False], device=device)
+    ops.backends.ensure_registered(hidden.device)
+    torch.library.opcheck(torch.ops.fastbert.compact_plan.default, (keep, mask, True))
+    index, stats = torch.ops.fastbert.compact_plan(keep, mask, True)
+    count, length, _ = stats.tolist()
     torch.library.opcheck(
-        torch.ops.fastbert.compact.default,
-        (hidden, mask, torch.arange(5), keep, True),
-        test_utils=("test_schema", "test_faketensor"),
+        torch.ops.fastbert.compact_gather.default, (hidden, mask, torch.arange(5, device=device), index, count, length)
     )
 
 

@@ -12,9 +12,10 @@
 
 namespace fastbert {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& hidden, const at::Tensor& mask,
-                                                            const FoldedWeights& w, int64_t num_heads,
-                                                            double speed) {
+ExitHeadResult exit_head_cpu(const at::Tensor& hidden_in, const at::Tensor& mask_in, at::TensorList weights,
+                             int64_t num_heads, double speed) {
+  const at::Tensor hidden = hidden_in.contiguous(), mask = mask_in.contiguous();
+  const FoldedWeights w = FoldedWeights::from_list(weights);
   check_hidden_and_mask(hidden, mask);
   TORCH_CHECK(hidden.device().is_cpu(), "exit_head_cpu needs CPU tensors, got ", hidden.device());
   const int64_t r = check_folded_weights(hidden, w, num_heads);

@@ -19,9 +19,10 @@ void check_cuda(cudaError_t err, const char* what) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cuda(const at::Tensor& hidden, const at::Tensor& mask,
-                                                             const FoldedWeights& w, int64_t num_heads,
-                                                             double speed) {
+ExitHeadResult exit_head_cuda(const at::Tensor& hidden_in, const at::Tensor& mask_in, at::TensorList weights,
+                              int64_t num_heads, double speed) {
+  const at::Tensor hidden = hidden_in.contiguous(), mask = mask_in.contiguous();
+  const FoldedWeights w = FoldedWeights::from_list(weights);
   check_hidden_and_mask(hidden, mask);
   TORCH_CHECK(hidden.is_cuda(), "exit_head_cuda needs CUDA tensors, got ", hidden.device());
   const int64_t r = check_folded_weights(hidden, w, num_heads);
@@ -39,47 +40,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cuda(const at::Tensor& 
   auto exits = at::empty({n}, hidden.options().dtype(at::kBool));
   if (n == 0) return {logits, uncertainty, exits};
   const at::Tensor projected = at::linear(hidden.view({n * s, h}), w.w_in).to(at::kFloat).contiguous();
+  FastbertFoldedPointers pointers{};
+#define FASTBERT_POINTER(name) pointers.name = w.name.data_ptr<float>();
+  // Every weight but w_in, whose product is `projected` (w_in may be half precision).
+  FASTBERT_FOLDED_WEIGHTS(FASTBERT_POINTER)
+#undef FASTBERT_POINTER
   check_cuda(fastbert_exit_head_rows(projected.data_ptr<float>(), mask.data_ptr<int64_t>(), n, s, r, num_heads, c,
-                                     w.b_in.data_ptr<float>(), w.w_qk.data_ptr<float>(), w.b_qk.data_ptr<float>(),
-                                     w.w_ov.data_ptr<float>(), w.b_ov.data_ptr<float>(), w.w_pool.data_ptr<float>(),
-                                     w.b_pool.data_ptr<float>(), w.w_cls.data_ptr<float>(), w.b_cls.data_ptr<float>(),
-                                     static_cast<float>(speed), logits.data_ptr<float>(),
+                                     pointers, static_cast<float>(speed), logits.data_ptr<float>(),
                                      uncertainty.data_ptr<float>(), exits.data_ptr<bool>(),
                                      c10::cuda::getCurrentCUDAStream()),
              "fastbert_exit_head_rows");
   return {logits, uncertainty, exits};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> compact_cuda(const at::Tensor& hidden, const at::Tensor& mask,
-                                                                 const at::Tensor& rows, const at::Tensor& keep,
-                                                                 bool trim) {
-  check_hidden_and_mask(hidden, mask);
-  check_rows_and_keep(hidden, rows, keep);
-  TORCH_CHECK(hidden.is_cuda(), "compact_cuda needs CUDA tensors, got ", hidden.device());
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  const int64_t n = hidden.size(0), s = hidden.size(1), h = hidden.size(2);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  auto index = at::empty({n}, rows.options());
-  auto stats = at::empty({3}, rows.options());
+CompactPlan compact_plan_cuda(const at::Tensor& keep_in, const at::Tensor& mask_in, bool trim) {
+  const at::Tensor keep = keep_in.contiguous(), mask = mask_in.contiguous();
+  check_keep_and_mask(keep, mask);
+  TORCH_CHECK(mask.is_cuda(), "compact_plan_cuda needs CUDA tensors, got ", mask.device());
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const int64_t n = mask.size(0), s = mask.size(1);
+  auto index = at::full({n}, -1, mask.options());  // the kernel writes index[:count]
+  auto stats = at::empty({3}, mask.options());
   check_cuda(fastbert_compact_plan(keep.data_ptr<bool>(), mask.data_ptr<int64_t>(), n, s, trim ? 1 : 0,
-                                   index.data_ptr<int64_t>(), stats.data_ptr<int64_t>(), stream),
+                                   index.data_ptr<int64_t>(), stats.data_ptr<int64_t>(),
+                                   c10::cuda::getCurrentCUDAStream()),
              "fastbert_compact_plan");
-  // The one host sync of a layer: the survivors' count and length size the outputs, the fewest
-  // real tokens say whether the survivors still need an attention mask.
-  const at::Tensor host_stats = stats.cpu();
-  const int64_t* plan = host_stats.data_ptr<int64_t>();
-  const int64_t m = plan[0], length = plan[1];
-  const bool padded = plan[2] < length;
-  if (m == n && length == s) return {hidden, mask, rows, padded};  // everyone stays, nothing trimmed: no copy
-  auto hidden_out = at::empty({m, length, h}, hidden.options());
-  auto mask_out = at::empty({m, length}, mask.options());
-  auto rows_out = at::empty({m}, rows.options());
+  return {index, stats};
+}
+
+Compacted compact_gather_cuda(const at::Tensor& hidden_in, const at::Tensor& mask_in, const at::Tensor& rows_in,
+                              const at::Tensor& index_in, int64_t count, int64_t length) {
+  const at::Tensor hidden = hidden_in.contiguous(), mask = mask_in.contiguous();
+  const at::Tensor rows = rows_in.contiguous(), index = index_in.contiguous();
+  check_hidden_and_mask(hidden, mask);
+  check_gather(hidden, rows, index, count, length);
+  TORCH_CHECK(hidden.is_cuda(), "compact_gather_cuda needs CUDA tensors, got ", hidden.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t s = hidden.size(1), h = hidden.size(2);
+  auto hidden_out = at::empty({count, length, h}, hidden.options());
+  auto mask_out = at::empty({count, length}, mask.options());
+  auto rows_out = at::empty({count}, rows.options());
   check_cuda(fastbert_compact_gather(hidden.data_ptr(), mask.data_ptr<int64_t>(), rows.data_ptr<int64_t>(),
-                                     index.data_ptr<int64_t>(), m, s, h, length, hidden.element_size(),
+                                     index.data_ptr<int64_t>(), count, s, h, length, hidden.element_size(),
                                      hidden_out.data_ptr(), mask_out.data_ptr<int64_t>(), rows_out.data_ptr<int64_t>(),
-                                     stream),
+                                     c10::cuda::getCurrentCUDAStream()),
              "fastbert_compact_gather");
-  return {hidden_out, mask_out, rows_out, padded};
+  return {hidden_out, mask_out, rows_out};
 }
 
 }  // namespace fastbert

@@ -59,13 +59,10 @@ __device__ __forceinline__ float warp_normalized_entropy(const float* logits, in
 }
 
 __global__ void exit_head_rows_kernel(const float* __restrict__ projected, const int64_t* __restrict__ mask,
-                                      int64_t s, int64_t r, int64_t num_heads, int64_t c,
-                                      const float* __restrict__ b_in, const float* __restrict__ w_qk,
-                                      const float* __restrict__ b_qk, const float* __restrict__ w_ov,
-                                      const float* __restrict__ b_ov, const float* __restrict__ w_pool,
-                                      const float* __restrict__ b_pool, const float* __restrict__ w_cls,
-                                      const float* __restrict__ b_cls, float speed, float* __restrict__ logits,
-                                      float* __restrict__ uncertainty, bool* __restrict__ exits) {
+                                      int64_t s, int64_t r, int64_t num_heads, int64_t c, FastbertFoldedPointers w,
+                                      float speed, float* __restrict__ logits, float* __restrict__ uncertainty,
+                                      bool* __restrict__ exits) {
+  const float* __restrict__ b_in = w.b_in;
   extern __shared__ float shared[];
   const int64_t qk = num_heads * r;
   float* query = shared;                  // [heads * r]
@@ -90,7 +87,7 @@ __global__ void exit_head_rows_kernel(const float* __restrict__ projected, const
     state[2 * i + 1] = 0.f;
   }
   __syncthreads();
-  warp_affine(w_qk, b_qk, z, qk, r, false, query);
+  warp_affine(w.w_qk, w.b_qk, z, qk, r, false, query);
   __syncthreads();
 
   // Each warp runs an online softmax over tokens warp, warp + kWarps, ... Its states live in
@@ -134,11 +131,11 @@ __global__ void exit_head_rows_kernel(const float* __restrict__ projected, const
     zbar[i] = value / merged.denominator;
   }
   __syncthreads();
-  warp_affine(w_ov, b_ov, zbar, r, qk, false, out);
+  warp_affine(w.w_ov, w.b_ov, zbar, r, qk, false, out);
   __syncthreads();
-  warp_affine(w_pool, b_pool, out, r, r, true, pooled);
+  warp_affine(w.w_pool, w.b_pool, out, r, r, true, pooled);
   __syncthreads();
-  warp_affine(w_cls, b_cls, pooled, c, r, false, row_logits, logits + row * c);
+  warp_affine(w.w_cls, w.b_cls, pooled, c, r, false, row_logits, logits + row * c);
   __syncthreads();
   if (warp == 0) {
     const float u = warp_normalized_entropy(row_logits, c);
@@ -157,10 +154,8 @@ extern "C" size_t fastbert_exit_head_shared_bytes(int64_t r, int64_t num_heads, 
 }
 
 extern "C" cudaError_t fastbert_exit_head_rows(const float* projected, const int64_t* mask, int64_t n, int64_t s,
-                                               int64_t r, int64_t num_heads, int64_t c, const float* b_in,
-                                               const float* w_qk, const float* b_qk, const float* w_ov,
-                                               const float* b_ov, const float* w_pool, const float* b_pool,
-                                               const float* w_cls, const float* b_cls, float speed, float* logits,
+                                               int64_t r, int64_t num_heads, int64_t c,
+                                               FastbertFoldedPointers weights, float speed, float* logits,
                                                float* uncertainty, bool* exits, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (num_heads < 1 || s < 1 || r < 1 || c < 2) return cudaErrorInvalidValue;
@@ -171,7 +166,7 @@ extern "C" cudaError_t fastbert_exit_head_rows(const float* projected, const int
     if (err != cudaSuccess) return err;
   }
   exit_head_rows_kernel<<<static_cast<unsigned>(n), kThreads, shared, stream>>>(
-      projected, mask, s, r, num_heads, c, b_in, w_qk, b_qk, w_ov, b_ov, w_pool, b_pool, w_cls, b_cls, speed, logits,
+      projected, mask, s, r, num_heads, c, weights, speed, logits,
       uncertainty, exits);
   return cudaGetLastError();
 }

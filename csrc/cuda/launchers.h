@@ -6,17 +6,25 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "fastbert/folded_weights.h"
+
+// The folded weights' device pointers, one field per FASTBERT_FOLDED_WEIGHTS entry, float32.
+// w_in is null: the projection by it runs in the vendor GEMM before the launch.
+struct FastbertFoldedPointers {
+#define FASTBERT_POINTER_FIELD(name) const float* name;
+  FASTBERT_FOLDED_WEIGHTS(FASTBERT_POINTER_FIELD)
+#undef FASTBERT_POINTER_FIELD
+};
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 // Exit head after the H -> R projection. `projected` is [n, s, r] float32 (x W_in^T, no bias);
-// the weights are the folded float32 weights (fastbert_kernels/ops/types.py, FoldedWeights).
+// `weights` are the folded float32 weights (fastbert/folded_weights.h).
 // Writes logits [n, c], uncertainty [n], exits [n]. One block per row.
 cudaError_t fastbert_exit_head_rows(const float* projected, const int64_t* mask, int64_t n, int64_t s, int64_t r,
-                                    int64_t num_heads, int64_t c, const float* b_in, const float* w_qk,
-                                    const float* b_qk, const float* w_ov, const float* b_ov, const float* w_pool,
-                                    const float* b_pool, const float* w_cls, const float* b_cls, float speed,
+                                    int64_t num_heads, int64_t c, struct FastbertFoldedPointers weights, float speed,
                                     float* logits, float* uncertainty, bool* exits, cudaStream_t stream);
 
 // Bytes of dynamic shared memory fastbert_exit_head_rows needs for these sizes.

@@ -1,21 +1,21 @@
-"""Ops of the adaptive forward pass: one Python entry point per op.
+"""Ops of the adaptive forward pass, defined once (:mod:`.library`) and implemented per device.
 
 * :func:`exit_head`: FastBERT branch + softmax + normalised entropy + exit decision, fused.
 * :func:`compact`: gather the survivors of every per-sample tensor, trim the sequence axis.
 
-Each checks its inputs and routes to the backend chosen for the device (see :mod:`.backends`).
-Calls that need gradients take the reference (see :func:`_needs_grad`).
-In eager mode the backend is called directly, since the dispatcher's Python custom-op path costs
-tens of microseconds a call, which is visible at batch 1; under ``torch.compile`` the registered
-ops (:mod:`.custom_ops`) are used so that the graph holds them with their fake implementations.
+These wrappers check their inputs (with messages that name the problem) and call the registered
+ops, ``torch.ops.fastbert.*``, whose kernel the dispatcher picks by device (see :mod:`.backends`).
+Eager calls and ``torch.compile`` take that same route.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import custom_ops  # noqa: F401  (registers the torch ops)
+from . import backends
 from .backends import BACKENDS, ENV_VAR, BackendUnavailableError, report, select_backend
+from .library import op
+from .sync_counter import host_read
 from .types import BranchWeights, Compacted, FoldedWeights
 
 __all__ = [
@@ -34,14 +34,6 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd must see through the op. The compiled kernels are inference-only, so such
-    calls (attribution methods on an eval-mode model, for instance) take the plain-torch reference,
-    whose exit head is the differentiable branch and whose compaction is an index_select: gradients
-    are then the reference's on every backend, never silently cut."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _check_hidden_mask(hidden: torch.Tensor, mask: torch.Tensor) -> None:
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, S, H], got shape {tuple(hidden.shape)}")
@@ -55,37 +47,51 @@ def _check_hidden_mask(hidden: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
 
 
+def _dispatch_to(device: torch.device) -> None:
+    # Outside compiled graphs only: the registration is made by the first eager call (or at
+    # import, below) and a graph then holds the op, whichever kernel serves it.
+    if not torch.compiler.is_compiling():
+        backends.ensure_registered(device)
+
+
 def exit_head(
-    hidden: torch.Tensor, mask: torch.Tensor, weights: BranchWeights, num_heads: int, speed: float
+    hidden: torch.Tensor, mask: torch.Tensor, weights: FoldedWeights, num_heads: int, speed: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FastBERT exit head on the surviving rows of one layer.
+    """FastBERT exit head on the surviving rows of one layer (inference only).
 
     Args:
         hidden: ``[N, S, H]`` float32/float16/bfloat16 layer output.
         mask: ``[N, S]`` int64, nonzero for real tokens; each row needs at least one.
-        weights: the branch's parameters (:class:`BranchWeights`; ``R`` wide, ``C >= 2`` classes).
+        weights: the branch's folded weights (:meth:`BranchWeights.fold`; the branch module
+            keeps them: :meth:`fastbert_kernels.BranchClassifier.folded_weights`).
         num_heads: heads of the branch attention (``R % num_heads == 0``).
         speed: exit threshold in [0, 1].
     Returns:
         logits ``[N, C]`` float32; uncertainty ``u = -sum p log p / log C`` ``[N]`` float32;
         exits ``[N]`` bool, ``u < speed``.
+    Raises:
+        ValueError for inputs that need gradients: the kernels are not differentiable; the branch
+        module's forward is (:meth:`fastbert_kernels.BranchClassifier.exit_decision` picks it).
     """
     _check_hidden_mask(hidden, mask)
+    if not isinstance(weights, FoldedWeights):
+        raise TypeError(f"weights must be FoldedWeights (BranchWeights.fold), got {type(weights).__name__}")
     r, h = weights.w_in.shape
     if h != hidden.shape[2]:
         raise ValueError(f"w_in is [R, H] = {tuple(weights.w_in.shape)} but hidden has H = {hidden.shape[2]}")
     if weights.w_cls.shape[0] < 2:
         raise ValueError(f"the branch needs at least 2 classes, got {weights.w_cls.shape[0]}")
-    if r % num_heads:
+    if num_heads < 1 or r % num_heads:
         raise ValueError(f"branch width {r} is not divisible by num_heads {num_heads}")
-    for name, tensor in zip(BranchWeights._fields, weights, strict=True):
+    if weights.w_in.dtype != hidden.dtype:
+        raise TypeError(f"w_in must have hidden's dtype {hidden.dtype}, got {weights.w_in.dtype}")
+    for name, tensor in zip(FoldedWeights._fields, weights, strict=True):
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
-    if _needs_grad(hidden, *weights):
-        return BACKENDS["reference"].exit_head(hidden, mask, weights, num_heads, float(speed))
-    if torch.compiler.is_compiling():
-        return torch.ops.fastbert.exit_head(hidden, mask, *weights, num_heads, float(speed))
-    return select_backend(hidden.device).exit_head(hidden, mask, weights, num_heads, float(speed))
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        raise ValueError("exit_head is inference-only; for gradients use the branch module's forward")
+    _dispatch_to(hidden.device)
+    return op("exit_head")(hidden, mask, list(weights), num_heads, float(speed))
 
 
 def compact(
@@ -98,13 +104,14 @@ def compact(
             original batch; keep: ``[N]`` bool, True for rows that continue.
         trim: cut the sequence axis to ``S'`` = the index after the last column any kept row uses.
     Returns:
-        :class:`Compacted`: ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]``, ``M = keep.sum()``,
-        bit-exact copies (or the inputs themselves when nothing changes, with ``changed`` False), and
-        ``padded``: whether a kept row has masked columns within ``S'`` (None under torch.compile,
-        where it is not computed). On a GPU this costs one device-to-host sync, for M, S' and padded.
+        :class:`Compacted`: ``hidden [M, S', H]``, ``mask [M, S']``, ``rows [M]``, ``M = keep.sum()``:
+        fresh bit-exact copies, or the inputs themselves with ``changed`` False when every row is
+        kept and nothing is trimmed; and ``padded``: whether a kept row has masked columns within
+        ``S'``. One host read (one device sync on a GPU) for M, S' and padded. Differentiable when
+        ``hidden`` needs gradients (then a plain index_select).
     """
     _check_hidden_mask(hidden, mask)
-    n = hidden.shape[0]
+    n, s = mask.shape
     if rows.shape != (n,) or rows.dtype != torch.int64:
         raise ValueError(f"rows must be int64 [N] = [{n}], got {rows.dtype} {tuple(rows.shape)}")
     if keep.shape != (n,) or keep.dtype != torch.bool:
@@ -112,12 +119,25 @@ def compact(
     for name, tensor in (("rows", rows), ("keep", keep)):
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
-    if _needs_grad(hidden):
-        backend = BACKENDS["reference"]
-    elif torch.compiler.is_compiling():
-        out_hidden, out_mask, out_rows = torch.ops.fastbert.compact(hidden, mask, rows, keep, trim)
-        return Compacted(out_hidden, out_mask, out_rows, padded=None, changed=True)
+    _dispatch_to(hidden.device)
+    index, stats = op("compact_plan")(keep, mask, trim)
+    count, length, fewest = host_read(stats)
+    if count == n and length == s:
+        return Compacted(hidden, mask, rows, padded=fewest < length, changed=False)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        from .torch_kernels import compact_gather  # differentiable: index_select and slicing
+
+        gathered = compact_gather(hidden, mask, rows, index, count, length)
     else:
-        backend = select_backend(hidden.device)
-    out_hidden, out_mask, out_rows, padded = backend.compact(hidden, mask, rows, keep, trim)
-    return Compacted(out_hidden, out_mask, out_rows, padded=padded, changed=out_hidden.shape != hidden.shape)
+        gathered = op("compact_gather")(hidden, mask, rows, index, count, length)
+    return Compacted(*gathered, padded=fewest < length, changed=True)
+
+
+# The registrations for this process's devices, made now so that a graph compiled before any
+# eager call also finds them; an impossible forced choice is reported by the first op call instead
+# (importing never fails).
+for _device in ("cpu", *(("cuda",) if torch.cuda.is_available() else ())):
+    try:
+        backends.ensure_registered(torch.device(_device))
+    except BackendUnavailableError:
+        pass

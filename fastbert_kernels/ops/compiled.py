@@ -1,23 +1,28 @@
 """The C++ extension (``fastbert_kernels._C``): CPU kernels, and CUDA kernels when built with CUDA.
 
-Importing this module never fails: a missing or broken build is recorded in ``LOAD_ERROR``.
+Loading it registers its kernels as the CPU and CUDA implementations of the ops defined in
+:mod:`.library` (imported first, so the schemas exist). Importing this module never fails: a
+missing or broken build (including a kernel whose C++ signature no longer matches its schema,
+which the dispatcher refuses) is recorded in ``LOAD_ERROR``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import folding
-from .types import BranchWeights
+from . import library  # noqa: F401  (defines the schemas the extension registers against)
 
 try:
-    from .. import _C  # registers the torch.ops.fastbert_C ops
+    from .. import _C
 
     BUILD_INFO: dict = dict(_C.build_info())
     LOAD_ERROR: str | None = None
 except ImportError as err:  # not built (a source checkout without `pip install -e .`)
     BUILD_INFO = {}
     LOAD_ERROR = f"fastbert_kernels._C is not importable ({err}); build it with `make install`"
+except RuntimeError as err:  # built, but the dispatcher refused a registration
+    BUILD_INFO = {}
+    LOAD_ERROR = f"fastbert_kernels._C does not match the ops' schemas ({err}); rebuild it with `make install`"
 
 
 def cpu_available() -> tuple[bool, str]:
@@ -58,18 +63,3 @@ def cuda_available() -> tuple[bool, str]:
             "rebuild with FASTBERT_CUDA_ARCH_LIST including it"
         )
     return True, f"CUDA extension (sm_{'/'.join(map(str, archs))}, PTX for newer)"
-
-
-def exit_head(
-    hidden: torch.Tensor, mask: torch.Tensor, weights: BranchWeights, num_heads: int, speed: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    w = folding.folded(weights, num_heads, hidden.dtype)
-    return torch.ops.fastbert_C.exit_head_folded(hidden.contiguous(), mask.contiguous(), *w, num_heads, speed)
-
-
-def compact(
-    hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, trim: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    return torch.ops.fastbert_C.compact(
-        hidden.contiguous(), mask.contiguous(), rows.contiguous(), keep.contiguous(), trim
-    )

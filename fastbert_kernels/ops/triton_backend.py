@@ -13,9 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import folding
-from .sync_counter import counted_launch, host_read
-from .types import BranchWeights
+from .sync_counter import counted_launch
+from .types import BranchWeights, FoldedWeights
 
 try:
     import triton
@@ -124,9 +123,11 @@ def _launch(kernel, grid: tuple[int, ...], device: torch.device, *args, num_warp
 
 
 def exit_head(
-    hidden: torch.Tensor, mask: torch.Tensor, weights: BranchWeights, num_heads: int, speed: float
+    hidden: torch.Tensor, mask: torch.Tensor, weights: list[torch.Tensor], num_heads: int, speed: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    w = folding.folded(weights, num_heads, hidden.dtype)
+    """The ``fastbert::exit_head`` op on Triton: the vendor GEMM, then three kernels."""
+    w = FoldedWeights(*weights)
+    hidden = hidden.contiguous()
     n, s, h = hidden.shape
     r, c = w.b_in.shape[0], w.b_cls.shape[0]
     qk = num_heads * r
@@ -206,10 +207,13 @@ def exit_head(
     return logits, uncertainty, exits
 
 
-def _plan(mask: torch.Tensor, keep: torch.Tensor, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the plan kernel: ``index [N]`` (kept rows first, in order) and ``stats [3]``."""
+def compact_plan(keep: torch.Tensor, mask: torch.Tensor, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``fastbert::compact_plan`` op: ``index [N]`` (kept rows first, in order), ``stats [3]``."""
+    keep, mask = keep.contiguous(), mask.contiguous()
     n, s = mask.shape
-    index = torch.empty(n, dtype=torch.int64, device=mask.device)
+    if n == 0:  # nothing to scan: no launch
+        return mask.new_empty((0,)), torch.tensor([0, 0 if trim else s, s], device=mask.device)
+    index = torch.full((n,), -1, dtype=torch.int64, device=mask.device)  # the kernel writes index[:count]
     stats = torch.empty(3, dtype=torch.int64, device=mask.device)
     _launch(
         kernels._compact_plan_kernel,
@@ -229,10 +233,11 @@ def _plan(mask: torch.Tensor, keep: torch.Tensor, trim: bool) -> tuple[torch.Ten
     return index, stats
 
 
-def _gather(
+def compact_gather(
     hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, survivors: int, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the gather kernel: the first ``survivors`` rows of ``index``, cut to ``length`` tokens."""
+    """The ``fastbert::compact_gather`` op: rows ``index[:survivors]``, cut to ``length`` tokens."""
+    hidden, mask, rows, index = hidden.contiguous(), mask.contiguous(), rows.contiguous(), index.contiguous()
     _, s, h = hidden.shape
     hidden_out = torch.empty(survivors, length, h, dtype=hidden.dtype, device=hidden.device)
     mask_out = torch.empty(survivors, length, dtype=mask.dtype, device=mask.device)
@@ -257,24 +262,6 @@ def _gather(
             num_warps=4,
         )
     return hidden_out, mask_out, rows_out
-
-
-def compact(
-    hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, trim: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    hidden, mask, rows, keep = hidden.contiguous(), mask.contiguous(), rows.contiguous(), keep.contiguous()
-    n, s, _ = hidden.shape
-    if n == 0:  # nobody to keep: no launch, the trimmed length is 0
-        length = 0 if trim else s
-        return hidden[:, :length].contiguous(), mask[:, :length].contiguous(), rows, False
-    index, stats = _plan(mask, keep, trim)
-    # The one host sync of a layer: the survivors' count and length size the outputs, and the
-    # fewest real tokens tell the caller whether the survivors' attention mask needs padding.
-    survivors, length, fewest = host_read(stats)
-    padded = fewest < length
-    if survivors == n and length == s:  # everyone stays, nothing trimmed: no copy
-        return hidden, mask, rows, padded
-    return (*_gather(hidden, mask, rows, index, survivors, length), padded)
 
 
 # ---- Ahead-of-time compilation (no GPU needed) -------------------------------------------------
@@ -339,18 +326,14 @@ def aot_specs(dtype: torch.dtype = torch.float32, r: int = 128, c: int = 2, trim
     n, s, h, heads = 3, 5, 16, 2
     hidden = torch.zeros(n, s, h, dtype=dtype)
     mask = torch.ones(n, s, dtype=torch.int64)
-    weights = BranchWeights(*(torch.zeros(shape) for shape in _branch_shapes(h, r, c)))
+    weights = BranchWeights(*(torch.zeros(shape) for shape in BranchWeights.shapes(h, r, c))).fold(heads, dtype)
     rows, keep = torch.arange(n), torch.tensor([True, False, True])
     with recording() as launches:
-        exit_head(hidden, mask, weights, heads, 0.5)
-        index, _ = _plan(mask, keep, trim)
-        _gather(hidden, mask, rows, index, 2, s)
+        exit_head(hidden, mask, list(weights), heads, 0.5)
+        index, _ = compact_plan(keep, mask, trim)
+        compact_gather(hidden, mask, rows, index, 2, s)
     names = ("cls_query", "cls_attention", "exit_tail", "compact_plan", "compact_gather")
     return {name: spec_of(launch) for name, launch in zip(names, launches, strict=True)}
-
-
-def _branch_shapes(h: int, r: int, c: int) -> list[tuple[int, ...]]:
-    return [(r, h), (r,), (3 * r, r), (3 * r,), (r, r), (r,), (r, r), (r,), (c, r), (c,)]
 
 
 def aot_compile(spec: AotSpec, capability: int):

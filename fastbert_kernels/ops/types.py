@@ -1,4 +1,8 @@
-"""Containers for the tensors the ops take, so that the argument order is written down once."""
+"""Containers for the tensors the ops take, so that the argument order is written down once.
+
+The order of :class:`FoldedWeights`' fields is the order of the exit-head op's ``weights`` list in
+every language: C++ and CUDA expand one list of the same names (``csrc/include/fastbert/
+folded_weights.h``), which a test compares with these fields through the extension's build info."""
 
 from __future__ import annotations
 
@@ -27,10 +31,17 @@ class BranchWeights(NamedTuple):
     w_cls: torch.Tensor
     b_cls: torch.Tensor
 
+    @staticmethod
+    def shapes(hidden_size: int, width: int, classes: int) -> BranchWeights:
+        """The shape of each parameter for backbone width H, branch width R and C classes."""
+        h, r, c = hidden_size, width, classes
+        return BranchWeights((r, h), (r,), (3 * r, r), (3 * r,), (r, r), (r,), (r, r), (r,), (c, r), (c,))
+
     def float(self) -> BranchWeights:
         return BranchWeights(*(t.float() for t in self))
 
-    def fold(self, num_heads: int) -> FoldedWeights:
+    @torch.no_grad()
+    def fold(self, num_heads: int, dtype: torch.dtype | None = None) -> FoldedWeights:
         """Fold the attention so that the kernels never form K or V.
 
         With one query (the CLS token) per row, for head j (rows ``j*h:(j+1)*h`` of W_q, W_k, W_v):
@@ -41,6 +52,7 @@ class BranchWeights(NamedTuple):
             W_o concat_j(sum_s a_s v_{s,j}) + b_o = sum_j M_j zbar_j + (W_o b_v + b_o),
             M_j = W_o[:, j] W_v,j,   zbar_j = sum_s a_{s,j} z_s.
         Per token this leaves the H -> R projection and two R-wide dot products/axpys per head.
+        ``w_in`` is cast to ``dtype`` (the hidden states', for the vendor GEMM); the rest is float32.
         """
         w = self.float()
         r = w.b_in.shape[0]
@@ -55,7 +67,7 @@ class BranchWeights(NamedTuple):
         )
         b_ov = w.w_out @ bv + w.b_out
         return FoldedWeights(
-            w_in=self.w_in.contiguous(),
+            w_in=self.w_in.to(dtype or self.w_in.dtype).contiguous(),
             b_in=w.b_in.contiguous(),
             w_qk=(w_qk * scale).contiguous(),
             b_qk=(b_qk * scale).contiguous(),
@@ -93,7 +105,7 @@ class Compacted(NamedTuple):
 
     hidden ``[M, S', H]``, mask ``[M, S']`` int64, rows ``[M]`` int64: the kept rows, in order.
     padded: whether some kept row has masked columns within ``S'`` (so the layers still need an
-    attention mask); None where it was not computed (compiled graphs).
+    attention mask).
     changed: False when every row was kept and nothing was trimmed; the tensors are then the
     inputs themselves, and a caller may keep whatever it derived from them (the layer mask).
     """
@@ -101,5 +113,5 @@ class Compacted(NamedTuple):
     hidden: torch.Tensor
     mask: torch.Tensor
     rows: torch.Tensor
-    padded: bool | None
+    padded: bool
     changed: bool

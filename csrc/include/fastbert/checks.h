@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "fastbert/folded_weights.h"
+
 namespace fastbert {
 
 inline void check_rank(const at::Tensor& t, int64_t rank, const char* name) {
@@ -32,10 +34,23 @@ inline void check_hidden_dtype(const at::Tensor& hidden) {
               "hidden must be float32, float16 or bfloat16, got ", dtype);
 }
 
-// The folded exit-head weights (fastbert_kernels/ops/types.py, FoldedWeights): every one float32
-// except w_in, which has hidden's dtype so that the projection runs in the vendor GEMM.
+// The folded exit-head weights as tensors, unpacked from the op's `Tensor[] weights` (the order is
+// FASTBERT_FOLDED_WEIGHTS, fastbert/folded_weights.h).
 struct FoldedWeights {
-  at::Tensor w_in, b_in, w_qk, b_qk, w_ov, b_ov, w_pool, b_pool, w_cls, b_cls;
+#define FASTBERT_TENSOR_FIELD(name) at::Tensor name;
+  FASTBERT_FOLDED_WEIGHTS(FASTBERT_TENSOR_FIELD)
+#undef FASTBERT_TENSOR_FIELD
+
+  static FoldedWeights from_list(at::TensorList list) {
+    TORCH_CHECK(static_cast<int>(list.size()) == kNumFoldedWeights, "weights must hold the ", kNumFoldedWeights,
+                " folded tensors (", kFoldedWeightNames, "), got ", list.size());
+    FoldedWeights w;
+    int i = 0;
+#define FASTBERT_UNPACK(name) w.name = list[i++];
+    FASTBERT_FOLDED_WEIGHTS(FASTBERT_UNPACK)
+#undef FASTBERT_UNPACK
+    return w;
+  }
 };
 
 // Checks the folded weights against hidden [N, S, H] and num_heads; returns R (branch width).
@@ -78,16 +93,30 @@ inline void check_hidden_and_mask(const at::Tensor& hidden, const at::Tensor& ma
   TORCH_CHECK(mask.is_contiguous(), "mask must be contiguous");
 }
 
-inline void check_rows_and_keep(const at::Tensor& hidden, const at::Tensor& rows, const at::Tensor& keep) {
-  const int64_t n = hidden.size(0);
-  check_dtype(rows, at::kLong, "rows");
-  check_shape(rows, {n}, "rows");
-  check_same_device(rows, hidden, "rows");
-  TORCH_CHECK(rows.is_contiguous(), "rows must be contiguous");
+// Checks keep [N] bool and mask [N, S] int64 for the compaction plan.
+inline void check_keep_and_mask(const at::Tensor& keep, const at::Tensor& mask) {
+  check_rank(mask, 2, "mask");
+  check_dtype(mask, at::kLong, "mask");
+  TORCH_CHECK(mask.is_contiguous(), "mask must be contiguous");
   check_dtype(keep, at::kBool, "keep");
-  check_shape(keep, {n}, "keep");
-  check_same_device(keep, hidden, "keep");
+  check_shape(keep, {mask.size(0)}, "keep");
+  TORCH_CHECK(keep.device() == mask.device(), "keep is on ", keep.device(), " but mask is on ", mask.device());
   TORCH_CHECK(keep.is_contiguous(), "keep must be contiguous");
+}
+
+// Checks the gather's inputs: rows [N] int64, index [N] int64 (kept rows first), and the plan's
+// count <= N and length <= S.
+inline void check_gather(const at::Tensor& hidden, const at::Tensor& rows, const at::Tensor& index, int64_t count,
+                         int64_t length) {
+  const int64_t n = hidden.size(0);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{rows, "rows"}, {index, "index"}}) {
+    check_dtype(t, at::kLong, name);
+    check_shape(t, {n}, name);
+    check_same_device(t, hidden, name);
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  }
+  TORCH_CHECK(count >= 0 && count <= n, "count must be in [0, ", n, "], got ", count);
+  TORCH_CHECK(length >= 0 && length <= hidden.size(1), "length must be in [0, ", hidden.size(1), "], got ", length);
 }
 
 }  // namespace fastbert

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny-config factory the tests use
 from helpers import random_batch, spread_branches, tiny_model  # noqa: E402
 
 import fastbert_kernels as fbk  # noqa: E402
-from fastbert_kernels.evaluation import exit_profile  # noqa: E402
+from fastbert_kernels.calibration import exit_profile  # noqa: E402
 
 KINDS = ["bert", "roberta", "camembert", "distilbert", "albert", "electra", "deberta-v2", "modernbert"]
 LAYERS, HIDDEN = 6, 256

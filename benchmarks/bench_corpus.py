@@ -29,7 +29,7 @@ def build_checkpoint(directory: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import fastbert_kernels as fbk
-    from fastbert_kernels.data import packaged_model_dir
+    from fastbert_kernels.apps.data import packaged_model_dir
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(packaged_model_dir()), num_labels=2)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", type=float, default=0.0)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
-    from fastbert_kernels.data import load_rotten_tomatoes
+    from fastbert_kernels.apps.data import load_rotten_tomatoes
 
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:

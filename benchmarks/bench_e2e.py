@@ -9,7 +9,7 @@ and a plot under benchmarks/results/<data set>/. Uses CUDA (event timing) when i
 
 import sys
 
-from fastbert_kernels.cli import main
+from fastbert_kernels.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

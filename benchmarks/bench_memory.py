@@ -1,6 +1,6 @@
 """Peak memory of one forward at batch 64: unpatched model vs the patched model at several speeds.
 
-    python benchmarks/bench_memory.py [--model packaged|tiny] [--seq 128]
+    python benchmarks/bench_memory.py [--seq 128] [--batch 64]   (the packaged all-MiniLM-L6-v2)
 
 Each configuration runs in a fresh subprocess, so peaks do not mix. On CUDA: the peak of
 torch.cuda.max_memory_allocated over one forward. On CPU: the peak of live heap bytes (glibc
@@ -21,7 +21,7 @@ import sys
 CHILD = r"""
 import ctypes, json, sys, threading, torch
 import fastbert_kernels as fbk
-from fastbert_kernels.data import packaged_model_dir
+from fastbert_kernels.apps.data import packaged_model_dir
 from transformers import AutoModelForSequenceClassification
 method, speed, seq, batch = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -32,7 +32,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import fastbert_kernels as fbk
 from fastbert_kernels.branch import BranchClassifier
-from fastbert_kernels.evaluation import exit_profile
+from fastbert_kernels.calibration import exit_profile
 from fastbert_kernels.ops import BACKENDS
 from fastbert_kernels.ops.sync_counter import counting
 from fastbert_kernels.ops.types import BranchWeights

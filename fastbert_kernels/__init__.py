@@ -20,7 +20,7 @@ from .corpus import classify_corpus
 from .modeling import FastBertOutput, fastbert_config, is_patched, patch, students, unpatch
 from .pipelines import FastBertTextClassificationPipeline, pipeline
 from .serialization import from_pretrained
-from .training import TrainHistory, distill, fine_tune, student_kl
+from .training import TrainHistory, TrainingOptions, distill, fine_tune, student_kl
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "FastBertOutput",
     "FastBertTextClassificationPipeline",
     "TrainHistory",
+    "TrainingOptions",
     "__version__",
     "classify_corpus",
     "distill",

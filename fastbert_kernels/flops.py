@@ -49,14 +49,14 @@ def adaptive_flops(
     seq: int,
     classes: int,
     width: int = 128,
-    branches: bool = True,
+    with_branches: bool = True,
     fused: bool = False,
     heads: int = 2,
 ) -> float:
     """FLOPs of one sample that leaves after ``exit_layer``: the layers it ran, a branch after each of
     them but the last (none at speed 0, where no branch runs), and the teacher head if it reached the
     end. Branches are counted as the paper counts them, or (``fused``) as the fused kernel runs them."""
-    students_run = min(exit_layer, num_layers - 1) if branches else 0
+    students_run = min(exit_layer, num_layers - 1) if with_branches else 0
     branch = (
         fused_branch_flops(hidden, seq, classes, width, heads) if fused else branch_flops(hidden, seq, classes, width)
     )

@@ -23,13 +23,26 @@ from transformers.utils import ModelOutput
 from . import ops
 from .architectures import Architecture, architecture_for
 from .branch import BranchClassifier
+from .checkpoint import save_pretrained_with_branches
 from .config import FastBertConfig, check_speed
 from .encoder import EncoderInputs, embed, layer_context, model_device, run_layers
 from .ops.reference import normalized_entropy
 from .ops.sync_counter import host_read
+from .state import BRANCHES_ATTR, CONFIG_ATTR, branch_modules, fastbert_config, is_patched, students
 
-BRANCHES_ATTR = "fastbert_branches"
-CONFIG_ATTR = "fastbert_config"
+__all__ = [
+    "FastBertOutput",
+    "adaptive_forward",
+    "branch_modules",
+    "classification_loss",
+    "fastbert_config",
+    "is_patched",
+    "patch",
+    "students",
+    "teacher_logits",
+    "unpatch",
+]
+
 # Outputs beyond the logits, which Trainer leaves out of its predictions by default.
 _EXTRA_OUTPUTS = ("exit_layer", "uncertainty")
 
@@ -51,31 +64,10 @@ class FastBertOutput(ModelOutput):
     uncertainty: torch.Tensor | None = None
 
 
-def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, BRANCHES_ATTR, None), nn.ModuleList) and hasattr(model, CONFIG_ATTR)
-
-
-def branches(model: nn.Module) -> nn.ModuleList:
-    if not is_patched(model):
-        raise ValueError(f"{type(model).__name__} is not patched; call fastbert_kernels.patch(model) first")
-    return getattr(model, BRANCHES_ATTR)
-
-
-def fastbert_config(model: nn.Module) -> FastBertConfig:
-    branches(model)  # raises when unpatched
-    return getattr(model, CONFIG_ATTR)
-
-
-def students(model: nn.Module) -> list[BranchClassifier]:
-    """The student branches, after layers 1..L-1 (in 'branch' teacher mode the last is the teacher)."""
-    num_layers = len(architecture_for(model).layers(model))
-    return list(branches(model))[: num_layers - 1]
-
-
 def teacher_logits(model: nn.Module, arch: Architecture, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The teacher's logits on the last layer's output ``[N, S, H]`` -> ``[N, C]``."""
     if fastbert_config(model).teacher == "branch":
-        return branches(model)[-1](hidden, mask)
+        return branch_modules(model)[-1](hidden, mask)
     return arch.head(model, hidden, mask)
 
 
@@ -207,7 +199,7 @@ def _adaptive(
     # integers, exact in float32).
     answers = torch.zeros(batch, num_labels + 2, dtype=torch.float32, device=device)
     answers[:, -1] = num_layers
-    student_branches = branches(model)
+    student_branches = branch_modules(model)
     # The survivors' count is data-dependent: eager stops as soon as nobody is left; a compiled
     # graph cannot branch on it and runs the remaining layers on an empty batch instead.
     eager = not torch.compiler.is_compiling()
@@ -268,8 +260,6 @@ def patch(model: nn.Module, config: FastBertConfig | None = None, **options) -> 
     # Instance attributes shadow the class's methods; deleting them restores the originals. They
     # are partials of module-level functions, not bound methods, so that the patched model pickles
     # (a bound method pickles as getattr(model, name), which the class does not have).
-    from .serialization import save_pretrained_with_branches
-
     model.forward = functools.partial(adaptive_forward, model)
     model.save_pretrained = functools.partial(save_pretrained_with_branches, model)
     # Trainer's predictions then hold the logits alone, as for the unpatched model; pass
@@ -281,7 +271,7 @@ def patch(model: nn.Module, config: FastBertConfig | None = None, **options) -> 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Removes what :func:`patch` added; the model then behaves exactly as before patching."""
-    branches(model)  # raises when unpatched
+    branch_modules(model)  # raises when unpatched
     delattr(model, BRANCHES_ATTR)
     delattr(model, CONFIG_ATTR)
     for name in ("forward", "save_pretrained"):

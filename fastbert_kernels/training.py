@@ -23,10 +23,49 @@ from transformers import get_linear_schedule_with_warmup
 from . import distributed
 from .architectures import architecture_for
 from .encoder import EncoderInputs, all_layer_states, embed, model_device
-from .modeling import branches, fastbert_config, is_patched, students, teacher_logits
+from .modeling import teacher_logits
+from .state import branch_modules, fastbert_config, is_patched, students
 
 Batch = dict[str, torch.Tensor]
 CHECKPOINT_FILE = "distill_state.pt"
+# What a batch may hand to the model's forward (tokenizers add others for some models).
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """The optimiser loop's settings, shared by :func:`distill` and :func:`fine_tune` (each has its
+    own defaults: :data:`DISTILL_DEFAULTS`, :data:`FINE_TUNE_DEFAULTS`).
+
+    AdamW at ``lr`` with linear warm-up over ``warmup_ratio`` of the steps and linear decay;
+    ``batch_size`` is the global batch (split over the processes of a distributed run);
+    ``checkpoint_dir``: save the run's state every ``checkpoint_every`` steps and resume from it;
+    ``max_steps``: stop after this many steps in total (for interrupting on purpose)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 2e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_length: int = 128
+    seed: int = 0
+    progress: bool = True
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: int = 50
+    max_steps: int | None = None
+
+
+# Distillation: the authors' 10x the fine-tuning rate (2e-5 -> 2e-4), no weight decay on students.
+DISTILL_DEFAULTS = TrainingOptions()
+# Fine-tuning: the usual BERT recipe.
+FINE_TUNE_DEFAULTS = TrainingOptions(epochs=2, lr=2e-5, weight_decay=0.01)
+
+
+def _options(defaults: TrainingOptions, options: TrainingOptions | None, overrides: dict) -> TrainingOptions:
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainingOptions)})
+    if unknown:
+        raise TypeError(f"unknown training options {unknown}; see fastbert_kernels.TrainingOptions")
+    return dataclasses.replace(options or defaults, **overrides)
 
 
 @dataclasses.dataclass
@@ -169,17 +208,10 @@ def _run(
     params: list[nn.Parameter],
     source: BatchSource,
     loss_fn,
+    options: TrainingOptions,
     *,
-    epochs: int,
-    lr: float,
-    warmup_ratio: float,
-    weight_decay: float,
     train_mode: bool,
-    progress: bool,
     desc: str,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 50,
-    max_steps: int | None = None,
 ) -> TrainHistory:
     """One optimiser loop (AdamW, linear warm-up and decay over this run's own steps), resumable
     from ``checkpoint_dir``, alone or in a torch.distributed group.
@@ -192,13 +224,14 @@ def _run(
     rounding, and their optimisers stay in lockstep: the checkpoint, written by rank 0, resumes at
     any world size.
     """
+    epochs, checkpoint_dir, max_steps = options.epochs, options.checkpoint_dir, options.max_steps
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     group = distributed.context(model_device(model))
     steps_per_epoch = len(source)
     total = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = round(warmup_ratio * total)
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    warmup = round(options.warmup_ratio * total)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
     history, step = TrainHistory(), 0
     state_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
@@ -233,7 +266,7 @@ def _run(
 
     was_training = model.training
     model.train(train_mode)
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not (progress and group.is_main), unit="step")
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not (options.progress and group.is_main), unit="step")
     try:
         for epoch in range(step // steps_per_epoch, epochs):
             for position, batch in enumerate(source.epoch(epoch)):
@@ -257,7 +290,7 @@ def _run(
                 history.loss.append(float(local_loss))
                 bar.update(1)
                 bar.set_postfix(loss=f"{history.loss[-1]:.4f}")
-                if state_path is not None and step % checkpoint_every == 0:
+                if state_path is not None and step % options.checkpoint_every == 0:
                     save()
     finally:
         bar.close()
@@ -285,18 +318,8 @@ def distill(
     model: nn.Module,
     data: Sequence[str] | Iterable[Batch],
     tokenizer=None,
-    *,
-    epochs: int = 1,
-    batch_size: int = 32,
-    lr: float = 2e-4,
-    warmup_ratio: float = 0.1,
-    weight_decay: float = 0.0,
-    max_length: int = 128,
-    seed: int = 0,
-    progress: bool = True,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 50,
-    max_steps: int | None = None,
+    options: TrainingOptions | None = None,
+    **overrides,
 ) -> TrainHistory:
     """Self-distillation of every student from the teacher; backbone and teacher stay bit-identical.
 
@@ -304,35 +327,31 @@ def distill(
         model: a patched model (:func:`fastbert_kernels.patch`).
         data: unlabelled texts (with ``tokenizer``) or an iterable/DataLoader of tokenised batches
             (dicts with ``input_ids``, ``attention_mask``, optionally ``token_type_ids``).
-        lr: AdamW learning rate; the authors used 10x the fine-tuning rate (2e-5 -> 2e-4).
-        checkpoint_dir: save the run's state every ``checkpoint_every`` steps and resume from it;
-            an interrupted run resumed there ends with the same students as an uninterrupted one.
-        max_steps: stop after this many steps in total (for interrupting on purpose).
+        options: a :class:`TrainingOptions` (default :data:`DISTILL_DEFAULTS`), or its fields as
+            keyword arguments (``distill(model, texts, tokenizer, epochs=3, lr=1e-3)``). An
+            interrupted run resumed from ``checkpoint_dir`` ends with the same students as an
+            uninterrupted one.
     Returns:
         the per-step loss and learning rate.
     """
+    options = _options(DISTILL_DEFAULTS, options, overrides)
     if not is_patched(model):
         raise ValueError("distill needs a patched model: call fastbert_kernels.patch(model) first")
     student_params = [p for s in students(model) for p in s.parameters()]
     if not student_params:
         raise ValueError("this model has no students to distil")
-    source = BatchSource(data, tokenizer, batch_size=batch_size, max_length=max_length, seed=seed)
-    torch.manual_seed(seed)
+    source = BatchSource(
+        data, tokenizer, batch_size=options.batch_size, max_length=options.max_length, seed=options.seed
+    )
+    torch.manual_seed(options.seed)
     return _run(
         model,
         student_params,
         source,
         lambda b: _distillation_loss(model, b),
-        epochs=epochs,
-        lr=lr,
-        warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay,
+        options,
         train_mode=False,
-        progress=progress,
         desc="distilling students",
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        max_steps=max_steps,
     )
 
 
@@ -341,55 +360,37 @@ def fine_tune(
     texts: Sequence[str] | Iterable[Batch],
     labels: Sequence[int] | None = None,
     tokenizer=None,
-    *,
-    epochs: int = 2,
-    batch_size: int = 32,
-    lr: float = 2e-5,
-    warmup_ratio: float = 0.1,
-    weight_decay: float = 0.01,
-    max_length: int = 128,
-    seed: int = 0,
-    progress: bool = True,
-    max_steps: int | None = None,
+    options: TrainingOptions | None = None,
+    **overrides,
 ) -> TrainHistory:
-    """Fine-tunes the backbone and the teacher with cross-entropy (the paper's step 1).
+    """Fine-tunes the backbone and the teacher on the loss the model itself returns (Hugging Face's
+    cross-entropy; the paper's step 1).
 
     Works on an unpatched classifier, or a patched one (students untouched; with
     ``teacher='branch'`` the paper's teacher branch is trained in place of the model's head).
-    Data: texts + labels (+ tokenizer), or batches that carry ``labels``.
+    Data: texts + labels (+ tokenizer), or batches that carry ``labels``. Options as for
+    :func:`distill` (default :data:`FINE_TUNE_DEFAULTS`).
     """
-    frozen = {id(p) for s in students(model) for p in s.parameters()} if is_patched(model) else set()
-    if is_patched(model) and fastbert_config(model).teacher == "model":
-        frozen |= {id(p) for p in branches(model).parameters()}
+    options = _options(FINE_TUNE_DEFAULTS, options, overrides)
+    patched = is_patched(model)
+    frozen = {id(p) for s in students(model) for p in s.parameters()} if patched else set()
+    if patched and fastbert_config(model).teacher == "model":
+        frozen |= {id(p) for p in branch_modules(model).parameters()}
     params = [p for p in model.parameters() if id(p) not in frozen and p.requires_grad]
-    source = BatchSource(texts, tokenizer, labels, batch_size=batch_size, max_length=max_length, seed=seed)
-    arch = architecture_for(model)
+    source = BatchSource(
+        texts, tokenizer, labels, batch_size=options.batch_size, max_length=options.max_length, seed=options.seed
+    )
+    device = model_device(model)
+    # A patched model's forward trains at speed 0 (the unpatched computation, its own loss).
+    extra = {"speed": 0.0} if patched else {}
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, int]:
         if "labels" not in batch:
             raise ValueError("fine-tuning needs labels: pass labels=... or batches with a 'labels' key")
-        inputs = _encode(model, batch)
-        states = all_layer_states(model, arch, inputs)
-        logits = (
-            teacher_logits(model, arch, states[-1], inputs.mask)
-            if is_patched(model)
-            else arch.head(model, states[-1], inputs.mask)
-        )
-        labels = batch["labels"].to(logits.device)
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.shape[0]
+        inputs = {k: v.to(device) for k, v in batch.items() if k in _MODEL_INPUTS and v is not None}
+        rows = inputs["labels"].shape[0]
+        # The model's mean loss times the rows: _run divides the group's sum by the global rows.
+        return model(**inputs, **extra).loss * rows, rows
 
-    torch.manual_seed(seed)
-    return _run(
-        model,
-        params,
-        source,
-        loss_fn,
-        epochs=epochs,
-        lr=lr,
-        warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay,
-        train_mode=True,
-        progress=progress,
-        desc="fine-tuning teacher",
-        max_steps=max_steps,
-    )
+    torch.manual_seed(options.seed)
+    return _run(model, params, source, loss_fn, options, train_mode=True, desc="fine-tuning teacher")

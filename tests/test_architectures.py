@@ -8,8 +8,8 @@ import torch
 from helpers import random_batch, spread_branches, tiny_model
 
 import fastbert_kernels as fbk
-from fastbert_kernels.evaluation import exit_profile
-from fastbert_kernels.modeling import BRANCHES_ATTR
+from fastbert_kernels.calibration import exit_profile
+from fastbert_kernels.state import BRANCHES_ATTR
 
 # model type -> the attention backends it supports in transformers (DeBERTa-v2: eager only).
 KINDS = {

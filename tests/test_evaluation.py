@@ -8,7 +8,7 @@ from helpers import random_batch, spread_branches, tiny_model
 
 import fastbert_kernels as fbk
 from fastbert_kernels import flops
-from fastbert_kernels.evaluation import choose_speed, exit_profile, flops_speedup
+from fastbert_kernels.calibration import choose_speed, exit_profile, flops_speedup
 
 
 def test_flops_match_the_paper():
@@ -16,7 +16,7 @@ def test_flops_match_the_paper():
     assert flops.branch_flops(768, 128, 2) == pytest.approx(46.1e6, rel=0.01)
     assert flops.layer_flops(768, 3072, 128) == pytest.approx(1809.9e6, rel=0.04)
     full = flops.model_flops(12, 768, 3072, 128, 2)
-    assert flops.adaptive_flops(12, 12, 768, 3072, 128, 2, branches=False) == pytest.approx(full)
+    assert flops.adaptive_flops(12, 12, 768, 3072, 128, 2, with_branches=False) == pytest.approx(full)
     assert flops.adaptive_flops(1, 12, 768, 3072, 128, 2) < full / 11
     # The fused exit head does less than the paper's branch (no K, V; one query) but keeps the projection.
     fused = flops.fused_branch_flops(768, 128, 2)
@@ -62,7 +62,7 @@ def test_choose_speed_for_accuracy_and_for_speedup():
 
 
 def test_csv_loader(tmp_path):
-    from fastbert_kernels.data import load_csv, load_dataset
+    from fastbert_kernels.apps.data import load_csv, load_dataset
 
     path = tmp_path / "reviews.csv"
     rows = [f"text {i},{'good' if i % 3 else 'bad'}" for i in range(50)] + ["text 1,good"]  # one duplicate
@@ -95,7 +95,7 @@ def test_packaged_data_and_model_load_offline():
 
 
 def test_env_command_reports_backends(capsys):
-    from fastbert_kernels.cli import main
+    from fastbert_kernels.apps.cli import main
 
     assert main(["env"]) == 0
     out = capsys.readouterr().out
@@ -103,14 +103,14 @@ def test_env_command_reports_backends(capsys):
 
 
 def test_cli_rejects_bad_speeds():
-    from fastbert_kernels.cli import main
+    from fastbert_kernels.apps.cli import main
 
     with pytest.raises(ValueError, match="speed must be in"):
         main(["demo", "--speeds", "0.5", "1.5"])
 
 
 def test_csv_cache_key_follows_content_not_file_name(tmp_path):
-    from fastbert_kernels.data import load_csv
+    from fastbert_kernels.apps.data import load_csv
 
     for folder, labels in (("a", ["pos", "neg"]), ("b", ["pos", "neg", "mixed"])):
         (tmp_path / folder).mkdir()
@@ -123,7 +123,7 @@ def test_csv_cache_key_follows_content_not_file_name(tmp_path):
 
 
 def test_csv_problems_are_one_line_errors(tmp_path, capsys):
-    from fastbert_kernels.cli import main
+    from fastbert_kernels.apps.cli import main
 
     (tmp_path / "empty.csv").write_bytes(b"")
     (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\xe9 cr\xe8me,a\nok,b\n".encode("latin-1"))

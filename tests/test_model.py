@@ -7,7 +7,7 @@ import torch
 from helpers import random_batch, rig_student, spread_branches, tiny_model, word_tokenizer
 
 import fastbert_kernels as fbk
-from fastbert_kernels.evaluation import exit_profile
+from fastbert_kernels.calibration import exit_profile
 from fastbert_kernels.ops.sync_counter import counting
 
 KINDS = ["bert", "roberta"]

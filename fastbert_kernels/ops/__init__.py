@@ -10,6 +10,8 @@ Eager calls and ``torch.compile`` take that same route.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import backends
@@ -137,7 +139,5 @@ def compact(
 # eager call also finds them; an impossible forced choice is reported by the first op call instead
 # (importing never fails).
 for _device in ("cpu", *(("cuda",) if torch.cuda.is_available() else ())):
-    try:
+    with contextlib.suppress(BackendUnavailableError):
         backends.ensure_registered(torch.device(_device))
-    except BackendUnavailableError:
-        pass

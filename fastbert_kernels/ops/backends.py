@@ -121,14 +121,17 @@ def _select(device_type: str, forced: str | None) -> Backend:
     if forced is not None:
         if forced not in BACKENDS:
             hint = f" ({forced!r} is now {_RENAMED[forced]!r})" if forced in _RENAMED else ""
-            raise BackendUnavailableError(f"{ENV_VAR}={forced!r} is not a backend{hint}; choose one of {sorted(BACKENDS)}")
+            raise BackendUnavailableError(
+                f"{ENV_VAR}={forced!r} is not a backend{hint}; choose one of {sorted(BACKENDS)}"
+            )
         backend = BACKENDS[forced]
         ok, why = backend.available()
         if not ok:
             raise BackendUnavailableError(f"{ENV_VAR}={forced} cannot be honoured: {why}")
         if not _runs(backend, device_type):
             raise BackendUnavailableError(
-                f"{ENV_VAR}={forced} does not run on {device_type} tensors here (it runs on {sorted(backend.devices())})"
+                f"{ENV_VAR}={forced} does not run on {device_type} tensors here "
+                f"(it runs on {sorted(backend.devices())})"
             )
         return backend
     for name in AUTOMATIC_ORDER.get(device_type, ("torch",)):

@@ -25,7 +25,7 @@ def exit_head(
     over real tokens, zbar_j = sum_s a_{s,j} z_s; logits = W_cls tanh(W_pool (W_ov zbar + b_ov) + b_pool) + b_cls.
     """
     w = FoldedWeights(*weights)
-    n, s, _ = hidden.shape
+    n = hidden.shape[0]
     r = w.b_in.shape[0]
     z = torch.tanh(F.linear(hidden, w.w_in).float() + w.b_in)
     query = F.linear(z[:, 0], w.w_qk, w.b_qk).view(n, num_heads, r)

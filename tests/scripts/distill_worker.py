@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 import fastbert_kernels as fbk
 from fastbert_kernels import distributed
-from fastbert_kernels.modeling import BRANCHES_ATTR
+from fastbert_kernels.state import BRANCHES_ATTR
 
 
 def main(checkpoint: str, texts_file: str, out: str, resume: str | None = None, max_steps: int | None = None) -> None:

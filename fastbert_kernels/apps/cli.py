@@ -1,0 +1,155 @@
+"""Command line: ``python -m fastbert_kernels {demo,bench,env,distill,classify}``.
+
+* ``demo``: fine-tune the packaged all-MiniLM-L6-v2 on Rotten Tomatoes (or BANKING77, or a CSV),
+  distil the students, evaluate a sweep of speeds against the unpatched model (:mod:`.demo`).
+* ``bench``: the same evaluation with more timing repeats, results under benchmarks/results.
+* ``env``: what was built, what is available, and which backend each device uses.
+* ``distill``, ``classify``: the library's distillation and corpus classification on files.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .demo import DEFAULT_SPEEDS, cmd_demo
+from .environment import environment
+
+
+def cmd_env(_: argparse.Namespace) -> int:
+    facts = environment()
+    backends = facts.pop("backends")
+    width = max(map(len, facts))
+    for key, value in facts.items():
+        print(f"{key:<{width}}  {value}")
+    print("\nbackend    available  used for   detail")
+    for name, row in backends.items():
+        if name == "error":
+            continue
+        print(f"{name:<10} {row['available']:<10} {row.get('used_for', '-'):<10} {row['detail']}")
+    for device, message in backends.get("error", {}).items():
+        print(f"error on {device}: {message}")
+    return 0
+
+
+def _load_for_cli(checkpoint: str):
+    """A patched model and its tokenizer from a FastBERT checkpoint, or a plain fine-tuned
+    classifier checkpoint (patched here, with fresh students)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import fastbert_kernels as fbk
+
+    from ..config import CONFIG_FILE
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    if (Path(checkpoint) / CONFIG_FILE).is_file():
+        return fbk.from_pretrained(checkpoint), tokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, local_files_only=True)
+    return fbk.patch(model), tokenizer
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Self-distillation of a checkpoint's students on a text file; works under torchrun."""
+    import fastbert_kernels as fbk
+
+    from .. import distributed
+    from ..corpus import read_texts
+
+    model, tokenizer = _load_for_cli(args.checkpoint)
+    history = fbk.distill(
+        model,
+        read_texts(args.texts),
+        tokenizer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+        checkpoint_dir=args.resume_dir,
+    )
+    if distributed.context().is_main:
+        model.eval()
+        model.save_pretrained(args.out)
+        tokenizer.save_pretrained(args.out)
+        print(f"{history.steps} steps, final loss {history.loss[-1]:.4f}; saved to {args.out}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    """Classifies a corpus file with a FastBERT checkpoint; works under torchrun."""
+    from .. import distributed
+    from ..corpus import classify_corpus
+
+    model, tokenizer = _load_for_cli(args.checkpoint)
+    out = classify_corpus(
+        model,
+        args.corpus,
+        tokenizer,
+        args.out,
+        speed=args.speed,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        shard_size=args.shard_size,
+        workers=args.workers,
+    )
+    if distributed.context().is_main:
+        print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastbert_kernels", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="build, backends and devices").set_defaults(func=cmd_env)
+    for name, help_text, repeats, out in (
+        ("demo", "fine-tune, distil, evaluate on real data", 2, "runs"),
+        ("bench", "end-to-end speed/accuracy benchmark (uses the demo's cached checkpoints)", 3, "benchmarks/results"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--data", default="rotten_tomatoes", help="rotten_tomatoes, banking77 or a text,label CSV")
+        p.add_argument("--teacher", choices=["model", "branch"], default="model")
+        p.add_argument("--epochs", type=int, default=1, help="teacher fine-tuning epochs")
+        p.add_argument("--lr", type=float, default=2e-5, help="fine-tuning learning rate")
+        p.add_argument("--distill-lr", type=float, default=2e-4, help="distillation learning rate")
+        p.add_argument("--distill-epochs", type=int, default=1)
+        p.add_argument("--max-train", type=int, default=None, help="use only the first N training texts")
+        p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test texts")
+        p.add_argument("--batch1-samples", type=int, default=200, help="test texts timed at batch 1")
+        p.add_argument("--max-length", type=int, default=64)
+        p.add_argument("--speeds", type=float, nargs="+", default=DEFAULT_SPEEDS)
+        p.add_argument("--repeats", type=int, default=repeats, help="timing repeats (minimum kept)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--cache-dir", default=".cache/fastbert_demo")
+        p.add_argument("--out", default=out)
+        p.set_defaults(func=cmd_demo)
+    d = sub.add_parser("distill", help="distil a checkpoint's students on a text file (torchrun-ready)")
+    d.add_argument("checkpoint", help="a FastBERT checkpoint, or a fine-tuned ...ForSequenceClassification one")
+    d.add_argument("--texts", required=True, help="unlabelled texts: .txt (one a line), .jsonl or .csv (text)")
+    d.add_argument("--out", required=True, help="where to save the distilled FastBERT checkpoint")
+    d.add_argument("--epochs", type=int, default=1)
+    d.add_argument("--batch-size", type=int, default=32, help="global batch (split over the processes)")
+    d.add_argument("--lr", type=float, default=2e-4)
+    d.add_argument("--max-length", type=int, default=128)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--resume-dir", default=None, help="checkpoint the run here and resume from it")
+    d.set_defaults(func=cmd_distill)
+    c = sub.add_parser("classify", help="classify a corpus into JSON Lines, resumable (torchrun-ready)")
+    c.add_argument("checkpoint", help="a FastBERT checkpoint (with its tokenizer)")
+    c.add_argument("corpus", help=".txt (one text a line), .jsonl or .csv (text column)")
+    c.add_argument("--out", required=True, help="the .jsonl to write")
+    c.add_argument("--speed", type=float, default=None, help="default: the checkpoint's default speed")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--max-length", type=int, default=128)
+    c.add_argument("--shard-size", type=int, default=1024)
+    c.add_argument("--workers", type=int, default=1, help="local processes when not launched by torchrun")
+    c.set_defaults(func=cmd_classify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "speeds"):
+        from ..config import check_speed
+
+        args.speeds = [check_speed(s) for s in args.speeds]
+    return args.func(args)

@@ -1,0 +1,58 @@
+"""Saving a patched model in Hugging Face's own format (loading: :mod:`.serialization`).
+
+A checkpoint directory is an ordinary Hugging Face checkpoint (a plain
+``AutoModelForSequenceClassification.from_pretrained`` still loads it, without the branches) plus
+``fastbert_config.json`` and ``fastbert_branches.safetensors``, whose metadata records which base
+weights the students were distilled from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import BRANCHES_FILE
+from .state import BRANCHES_ATTR, branch_modules, fastbert_config
+
+# Where the branches file records the base weights it belongs to (see weights_fingerprint).
+FINGERPRINT_KEY = "teacher_weights_sha256"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def save_pretrained_with_branches(self: nn.Module, save_directory: str | Path, **kwargs) -> None:
+    """``model.save_pretrained`` of a patched model: the base checkpoint, then the branches."""
+    state_dict = kwargs.pop("state_dict", None)
+    state_dict = self.state_dict() if state_dict is None else state_dict
+    prefix = BRANCHES_ATTR + "."
+    base_state = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+    type(self).save_pretrained(self, save_directory, state_dict=base_state, **kwargs)
+    directory = Path(save_directory)
+    fastbert_config(self).save(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in branch_modules(self).state_dict().items()}
+    metadata = {
+        "format": "pt",
+        "num_branches": str(len(branch_modules(self))),
+        FINGERPRINT_KEY: weights_fingerprint(directory),
+    }
+    save_file(tensors, str(directory / BRANCHES_FILE), metadata=metadata)
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """SHA-256 over the base model's weight files in ``directory`` (names and bytes, in name order).
+
+    The students are only valid for the teacher they were distilled from. A file fingerprint does
+    not depend on the dtype a model is later loaded in, and it changes when another model's
+    ``save_pretrained`` overwrites the weights and leaves the FastBERT files behind."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p for p in directory.iterdir() if p.name != BRANCHES_FILE and p.suffix in WEIGHT_SUFFIXES and p.is_file()
+    )
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -32,10 +32,9 @@ test: install lint
 demo: install
 	$(PY) -m fastbert_kernels demo
 
+# Interleaved, repeated, allocator pinned: ratios with their spread (benchmarks/results/ops.md).
 bench-ops: install
-	$(PY) -m pytest benchmarks/test_bench_ops.py --benchmark-enable --benchmark-only \
-		--benchmark-columns=min,median,mean,rounds --benchmark-json=benchmarks/results/ops.json
-	$(PY) benchmarks/report_ops.py benchmarks/results/ops.json
+	$(PY) benchmarks/bench_ops.py --out benchmarks/results
 
 bench-e2e: install
 	$(PY) -m fastbert_kernels bench

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -31,11 +32,10 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import fastbert_kernels as fbk
+from fastbert_kernels import ops
 from fastbert_kernels.branch import BranchClassifier
 from fastbert_kernels.calibration import exit_profile
-from fastbert_kernels.ops import BACKENDS
 from fastbert_kernels.ops.sync_counter import counting
-from fastbert_kernels.ops.types import BranchWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, layers, hidden, heads, intermediate): the packaged MiniLM's shape and BERT-base's.
@@ -83,14 +83,13 @@ def run_tests(timeout: int) -> dict:
     return {"returncode": result.returncode, "summary": lines[-1] if lines else result.stderr[-500:]}
 
 
-def _branch_weights(h: int, r: int, c: int, device) -> BranchWeights:
-    """A branch's weights (the model's own module, so the shapes are not restated), scaled so that
-    its answers are confident enough to split a batch."""
-    branch = BranchClassifier(h, c, r).to(device)
+def _branch(h: int, r: int, c: int, device) -> BranchClassifier:
+    """A branch scaled so that its answers are confident enough to split a batch."""
+    branch = BranchClassifier(h, c, r).to(device).eval()
     with torch.no_grad():
         for p in branch.parameters():
             p.normal_(0, 1 / math.sqrt(p.shape[-1]))
-    return BranchWeights(*(t.detach() for t in branch.weights()))
+    return branch
 
 
 def time_ops(device: torch.device, quick: bool, repeats: int) -> list[dict]:
@@ -102,16 +101,16 @@ def time_ops(device: torch.device, quick: bool, repeats: int) -> list[dict]:
             hidden = torch.randn(n, s, h, device=device).to(dtype)
             lengths = torch.randint(1, s + 1, (n,), device=device)
             mask = (torch.arange(s, device=device)[None, :] < lengths[:, None]).long()
-            weights = _branch_weights(h, 128, c, device)
+            folded = _branch(h, 128, c, device).folded_weights(dtype)
             rows_index = torch.arange(n, device=device)
             keep = torch.rand(n, device=device) < 0.5
-            for name, backend in BACKENDS.items():
-                if not (backend.available()[0] and device.type in backend.devices()):
+            for name, backend in ops.BACKENDS.items():
+                if not ops.backends._runs(backend, device.type):
                     continue
-                head = measure(functools.partial(backend.exit_head, hidden, mask, weights, 2, 0.5), device, repeats)
-                pack = measure(
-                    functools.partial(backend.compact, hidden, mask, rows_index, keep, True), device, repeats
-                )
+                os.environ[ops.ENV_VAR] = name
+                head = measure(functools.partial(ops.exit_head, hidden, mask, folded, 2, 0.5), device, repeats)
+                pack = measure(functools.partial(ops.compact, hidden, mask, rows_index, keep, True), device, repeats)
+                os.environ.pop(ops.ENV_VAR)
                 shape = {"dtype": str(dtype).replace("torch.", ""), "n": n, "s": s, "h": h, "c": c}
                 rows.append({"op": "exit_head", "backend": name, **shape, **head})
                 rows.append({"op": "compact", "backend": name, **shape, **pack})
@@ -237,7 +236,7 @@ def per_layer_counts(device: torch.device, quick: bool) -> dict:
         "adaptive_host_syncs_per_branch_layer": (adaptive.syncs - 1) / (num_layers - 1),
         "extra_ops_per_branch_layer": (adaptive.launches - plain.launches) / (num_layers - 1),
         "sync_sources": dict(adaptive.sync_sources),
-        "backend_cpu_or_cuda": fbk.ops.select_backend(device).name,
+        "backend_cpu_or_cuda": ops.select_backend(device).name,
     }
     if device.type == "cuda":
         result["unpatched_cuda_kernels_per_layer"] = _kernel_count(lambda: fbk.unpatch(model)(**batch)) / num_layers

@@ -211,9 +211,13 @@ def _adaptive(
         logits, uncertainty, exits = student_branches[index].exit_decision(hidden, mask, speed)
         if per_row is not None:
             exits = uncertainty < per_row[rows]
-        found = torch.cat([logits, uncertainty[:, None], torch.full_like(uncertainty[:, None], index + 1)], dim=1)
-        answers[rows] = torch.where(exits[:, None], found, answers[rows])
         kept = ops.compact(hidden, mask, rows, ~exits, config.trim_sequence)
+        # The compaction's host read says whether anyone left: only then are answers written (at
+        # batch 1 and low speeds most layers have no exit, and skip these small ops entirely).
+        if kept.rows.shape[0] < rows.shape[0] or not eager:
+            layer_column = torch.full_like(uncertainty[:, None], index + 1)
+            found = torch.cat([logits, uncertainty[:, None], layer_column], dim=1)
+            answers[rows] = torch.where(exits[:, None], found, answers[rows])
         hidden, mask, rows = kept.hidden, kept.mask, kept.rows
         if eager and rows.shape[0] == 0:
             break

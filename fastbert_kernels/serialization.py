@@ -16,7 +16,7 @@ from .state import branch_modules
 
 def load_branches(model: nn.Module, directory: str | Path) -> None:
     """Loads ``fastbert_branches.safetensors`` into a patched model (``load_state_dict(strict=True)``:
-    every key and shape must match), after checking that the base weights are the students' teacher."""
+    every key and shape must match) and checks that the base weights are the students' teacher."""
     path = Path(directory) / BRANCHES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has a FastBERT config but no {BRANCHES_FILE}")
@@ -26,19 +26,21 @@ def load_branches(model: nn.Module, directory: str | Path) -> None:
             saved_fingerprint = (handle.metadata() or {}).get(FINGERPRINT_KEY)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is corrupted or not a safetensors file: {err}") from err
+    try:
+        branch_modules(model).load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(
+            f"{path} does not match this model's branches (a checkpoint saved from a model with another "
+            f"depth, width, class count or teacher mode?): {shown}"
+        ) from err
     if saved_fingerprint is not None and saved_fingerprint != weights_fingerprint(Path(directory)):
         raise ValueError(
             f"the model weights in {directory} are not the ones its FastBERT students were distilled "
             "from (another model was saved over it?); patch and distil this model again, or load the "
             "plain model with AutoModelForSequenceClassification"
         )
-    try:
-        branch_modules(model).load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{path} does not match this model's branches (a checkpoint saved from a model with another "
-            f"depth, class count or teacher mode?): {err}"
-        ) from err
 
 
 def from_pretrained(directory: str | Path, **kwargs) -> nn.Module:

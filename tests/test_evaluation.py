@@ -80,7 +80,7 @@ def test_csv_loader(tmp_path):
 
 def test_packaged_data_and_model_load_offline():
     pytest.importorskip("pandas")
-    from fastbert_kernels import data
+    from fastbert_kernels.apps import data
 
     try:
         model_dir = data.packaged_model_dir()

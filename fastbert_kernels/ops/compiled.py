@@ -34,7 +34,7 @@ def cpu_available() -> tuple[bool, str]:
 def built_architectures() -> list[int]:
     """Compute capabilities (e.g. 80, 90) the CUDA kernels carry machine code for; the last also
     carries PTX, which the driver compiles for any newer GPU."""
-    return [int(a) for a in BUILD_INFO.get("cuda_archs", "").split(";") if a]
+    return [int(a) for a in BUILD_INFO.get("cuda_archs", "").replace(",", ";").split(";") if a]
 
 
 def runs_on_capability(capability: tuple[int, int], archs: list[int]) -> bool:

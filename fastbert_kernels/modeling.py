@@ -211,7 +211,7 @@ def _adaptive(
         logits, uncertainty, exits = student_branches[index].exit_decision(hidden, mask, speed)
         if per_row is not None:
             exits = uncertainty < per_row[rows]
-        kept = ops.compact(hidden, mask, rows, ~exits, config.trim_sequence)
+        kept = ops.compact_unchecked(hidden, mask, rows, ~exits, config.trim_sequence)
         # The compaction's host read says whether anyone left: only then are answers written (at
         # batch 1 and low speeds most layers have no exit, and skip these small ops entirely).
         if kept.rows.shape[0] < rows.shape[0] or not eager:

@@ -248,7 +248,7 @@ def test_corrupted_and_mismatched_checkpoints(tmp_path):
     wide.save_pretrained(tmp_path / "wide")
     source.save_pretrained(tmp_path / "narrow")
     (tmp_path / "narrow" / BRANCHES_FILE).write_bytes((tmp_path / "wide" / BRANCHES_FILE).read_bytes())
-    with pytest.raises(ValueError, match="size mismatch for 0.input_proj.weight"):
+    with pytest.raises(ValueError, match=r"size mismatch for 0\.input_proj\.weight"):
         fbk.from_pretrained(tmp_path / "narrow")
     # A config file that is not JSON, or from another format version.
     (tmp_path / "good" / CONFIG_FILE).write_text("{not json")

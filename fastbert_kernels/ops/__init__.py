@@ -92,8 +92,18 @@ def exit_head(
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     if torch.is_grad_enabled() and hidden.requires_grad:
         raise ValueError("exit_head is inference-only; for gradients use the branch module's forward")
+    return exit_head_unchecked(hidden, mask, weights, num_heads, speed)
+
+
+def exit_head_unchecked(
+    hidden: torch.Tensor, mask: torch.Tensor, weights: FoldedWeights, num_heads: int, speed: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`exit_head` without the Python-level checks, for callers whose inputs are valid by
+    construction (the adaptive forward: its weights come from the branch, its hidden states from
+    the layer). The same op, the same route; at batch 1 the checks cost a visible share of a layer.
+    The compiled kernels still check everything (``TORCH_CHECK``)."""
     _dispatch_to(hidden.device)
-    return op("exit_head")(hidden, mask, list(weights), num_heads, float(speed))
+    return _EXIT_HEAD(hidden, mask, list(weights), num_heads, float(speed))
 
 
 def compact(
@@ -113,7 +123,7 @@ def compact(
         ``hidden`` needs gradients (then a plain index_select).
     """
     _check_hidden_mask(hidden, mask)
-    n, s = mask.shape
+    n = mask.shape[0]
     if rows.shape != (n,) or rows.dtype != torch.int64:
         raise ValueError(f"rows must be int64 [N] = [{n}], got {rows.dtype} {tuple(rows.shape)}")
     if keep.shape != (n,) or keep.dtype != torch.bool:
@@ -121,8 +131,16 @@ def compact(
     for name, tensor in (("rows", rows), ("keep", keep)):
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    return compact_unchecked(hidden, mask, rows, keep, trim)
+
+
+def compact_unchecked(
+    hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, trim: bool = True
+) -> Compacted:
+    """:func:`compact` without the Python-level checks (see :func:`exit_head_unchecked`)."""
+    n, s = mask.shape
     _dispatch_to(hidden.device)
-    index, stats = op("compact_plan")(keep, mask, trim)
+    index, stats = _COMPACT_PLAN(keep, mask, trim)
     count, length, fewest = host_read(stats)
     if count == n and length == s:
         return Compacted(hidden, mask, rows, padded=fewest < length, changed=False)
@@ -131,9 +149,14 @@ def compact(
 
         gathered = compact_gather(hidden, mask, rows, index, count, length)
     else:
-        gathered = op("compact_gather")(hidden, mask, rows, index, count, length)
+        gathered = _COMPACT_GATHER(hidden, mask, rows, index, count, length)
     return Compacted(*gathered, padded=fewest < length, changed=True)
 
+
+# The op overloads, looked up once (torch.ops attribute lookups cost a microsecond or two each).
+_EXIT_HEAD = op("exit_head").default
+_COMPACT_PLAN = op("compact_plan").default
+_COMPACT_GATHER = op("compact_gather").default
 
 # The registrations for this process's devices, made now so that a graph compiled before any
 # eager call also finds them; an impossible forced choice is reported by the first op call instead

@@ -1,0 +1,351 @@
+"""A serving engine that keeps every layer call full: depth-pooled continuous batching.
+
+Compaction makes a batch shrink as its samples leave, and nothing refills it. The engine pools
+rows by depth instead. A request enters after its embeddings into the queue of depth 0. Each step
+picks one depth ``d``, runs layer ``d + 1`` on up to ``max_batch`` waiting rows of that depth
+(grouped by length to limit padding), then the fused exit head: the rows that exit complete their
+requests at once, the others join the queue of depth ``d + 1``. New requests join between steps,
+so a layer call is as full as the load allows.
+
+Policy (:func:`_pick_depth`): the depth with the most waiting rows, ties to the deepest (it is the
+closest to answering), except that a row that has waited ``max_wait_steps`` steps at its depth is
+served first (the oldest such), so no request starves however the load is spread.
+
+Answers do not depend on the engine: each request is embedded alone, kept at its own length, and
+padded only inside a layer call with a mask, so its logits equal running it alone (to float
+rounding) and its exit layer is the same, whatever else was in flight.
+
+    with fbk.serving.Engine(model, tokenizer, max_batch=64) as engine:
+        future = engine.submit("a gripping film", speed=0.5)   # concurrent.futures.Future
+        result = future.result()                                # EngineResult
+        results = engine.classify(["...", "..."])               # blocking convenience
+        result = await engine.aclassify("...")                  # asyncio
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .architectures import architecture_for
+from .config import check_speed
+from .encoder import embed, layer_context, model_device
+from .modeling import teacher_logits
+from .ops.reference import normalized_entropy
+from .state import branch_modules, fastbert_config, is_patched
+
+
+class EngineFullError(RuntimeError):
+    """The engine holds ``max_in_flight`` requests and the caller asked not to wait."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was closed: it takes no new requests."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineResult:
+    """One request's answer: ``logits [C]`` float32, the argmax ``label`` (and its name when the
+    model config has one), the 1-based ``exit_layer`` (L: the teacher) and the ``uncertainty``
+    (normalised entropy) of the classifier that answered."""
+
+    label: int
+    label_name: str | None
+    logits: torch.Tensor
+    exit_layer: int
+    uncertainty: float
+
+
+@dataclasses.dataclass
+class _Row:
+    """A request in flight: its hidden states at its own length ``[L, H]``, its depth (layers
+    done), and its bookkeeping."""
+
+    future: concurrent.futures.Future
+    hidden: torch.Tensor
+    speed: float
+    deadline: float | None
+    serial: int
+    depth: int = 0
+    waited: int = 0  # steps spent waiting at the current depth
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since the engine started: per depth, the layer calls made and the rows they ran."""
+
+    completed: int = 0
+    failed: int = 0
+    layer_calls: list[int] = dataclasses.field(default_factory=list)
+    layer_rows: list[int] = dataclasses.field(default_factory=list)
+
+    def mean_fill(self, max_batch: int) -> float:
+        calls = sum(self.layer_calls)
+        return sum(self.layer_rows) / (calls * max_batch) if calls else 0.0
+
+
+def _pick_depth(rows_by_depth: list[list[_Row]], max_wait_steps: int) -> int:
+    """The depth to run next: a starving row's depth if any (the one that waited longest), else the
+    depth with the most waiting rows, ties to the deepest."""
+    starving = [(row.waited, -row.serial, d) for d, rows in enumerate(rows_by_depth) for row in rows]
+    starving = [entry for entry in starving if entry[0] >= max_wait_steps]
+    if starving:
+        return max(starving)[2]
+    return max(range(len(rows_by_depth)), key=lambda d: (len(rows_by_depth[d]), d))
+
+
+def _group_by_length(rows: list[_Row], max_batch: int) -> list[_Row]:
+    """Up to ``max_batch`` rows: the oldest, and those whose lengths are closest to it."""
+    if len(rows) <= max_batch:
+        return list(rows)
+    oldest = min(rows, key=lambda row: row.serial)
+    length = oldest.hidden.shape[0]
+    return sorted(rows, key=lambda row: (abs(row.hidden.shape[0] - length), row.serial))[:max_batch]
+
+
+class Engine:
+    """Depth-pooled continuous batching over a patched model, on one worker thread.
+
+    Args:
+        model: a patched model (:func:`fastbert_kernels.patch`), in eval mode.
+        tokenizer: turns text requests into ids (optional: requests may be token id lists).
+        max_batch: the most rows a layer call runs.
+        max_in_flight: the most requests the engine holds; :meth:`submit` then blocks (or raises
+            :class:`EngineFullError` with ``block=False`` or after its ``timeout``).
+        max_wait_steps: a row waiting this many steps at its depth is served next.
+        max_length: truncation of text requests (default: the model's position limit).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        *,
+        max_batch: int = 64,
+        max_in_flight: int = 1024,
+        max_wait_steps: int = 16,
+        max_length: int | None = None,
+    ) -> None:
+        if not is_patched(model):
+            raise ValueError("the engine needs a patched model: call fastbert_kernels.patch(model) first")
+        if max_batch < 1 or max_in_flight < 1 or max_wait_steps < 1:
+            raise ValueError("max_batch, max_in_flight and max_wait_steps must be positive")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_wait_steps = max_batch, max_wait_steps
+        self.arch = architecture_for(model)
+        self.layers = self.arch.layers(model)
+        self.limit = self.arch.max_length(model.config)
+        self.max_length = min(max_length or self.limit, self.limit)
+        self.device = model_device(model)
+        self.stats = EngineStats(layer_calls=[0] * len(self.layers), layer_rows=[0] * len(self.layers))
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._lock = threading.Condition()
+        self._incoming: list[tuple[concurrent.futures.Future, torch.Tensor, float, float | None, int]] = []
+        self._rows: list[list[_Row]] = [[] for _ in self.layers]
+        self._serial = itertools.count()
+        self._closed = False
+        self._worker = threading.Thread(target=self._serve, name="fastbert-engine", daemon=True)
+        self._worker.start()
+
+    # ---- client side -----------------------------------------------------------------------
+
+    def submit(
+        self,
+        request: str | Sequence[int] | torch.Tensor,
+        *,
+        speed: float | None = None,
+        timeout: float | None = None,
+        block: bool = True,
+        wait: float | None = None,
+    ) -> concurrent.futures.Future:
+        """Queues one request (a text, or its token ids ``[S]``); returns a Future of
+        :class:`EngineResult`. ``speed`` defaults to the model's; ``timeout`` (seconds) fails the
+        request with :class:`TimeoutError` if it has not finished by then. A bad request gets a
+        Future that already holds its error; it never reaches the model. When the engine is full
+        the call waits (at most ``wait`` seconds) or, with ``block=False``, raises."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            ids = self._encode(request)
+            speed = check_speed(fastbert_config(self.model).default_speed if speed is None else speed)
+        except (TypeError, ValueError) as err:
+            future.set_exception(err)
+            return future
+        if self._closed:
+            raise EngineClosedError("the engine is closed")
+        if not self._slots.acquire(blocking=block, timeout=wait if block else None):
+            raise EngineFullError("the engine holds its maximum of in-flight requests; retry later")
+        future.add_done_callback(lambda _: self._slots.release())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            if self._closed:
+                self._slots.release()
+                raise EngineClosedError("the engine is closed")
+            self._incoming.append((future, ids, speed, deadline, next(self._serial)))
+            self._lock.notify()
+        return future
+
+    def classify(self, requests: Sequence[str | Sequence[int]], speed: float | None = None) -> list[EngineResult]:
+        """Submits every request and waits for all; raises the first failure."""
+        futures = [self.submit(r, speed=speed) for r in requests]
+        return [f.result() for f in futures]
+
+    async def aclassify(self, request: str | Sequence[int], speed: float | None = None) -> EngineResult:
+        """The asyncio form of ``submit(...).result()``; cancelling the task cancels the request."""
+        return await asyncio.wrap_future(self.submit(request, speed=speed))
+
+    def close(self) -> None:
+        """Takes no new requests, finishes every accepted one, stops the worker."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._worker.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _encode(self, request) -> torch.Tensor:
+        """Token ids ``[S]`` int64 of one request, or the error that names what is wrong."""
+        if isinstance(request, str):
+            if self.tokenizer is None:
+                raise TypeError("text requests need a tokenizer: Engine(model, tokenizer)")
+            if not request.strip():
+                raise ValueError("empty request: the text has no characters")
+            ids = self.tokenizer(request, truncation=True, max_length=self.max_length)["input_ids"]
+            return torch.tensor(ids, dtype=torch.int64)
+        if isinstance(request, torch.Tensor):
+            if request.dim() != 1 or request.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"token ids must be an integer tensor [S], got {request.dtype} {tuple(request.shape)}")
+            ids = request.to(torch.int64).cpu()
+        elif isinstance(request, Sequence) and all(isinstance(i, int) for i in request):
+            ids = torch.tensor(list(request), dtype=torch.int64)
+        else:
+            raise TypeError(f"a request is a text or a sequence of token ids, got {type(request).__name__}")
+        if ids.numel() == 0:
+            raise ValueError("empty request: no tokens")
+        if ids.numel() > self.limit:
+            raise ValueError(f"the request has {ids.numel()} tokens; the model's position limit is {self.limit}")
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        return ids
+
+    # ---- worker side -----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while not self._incoming and not any(self._rows) and not self._closed:
+                    self._lock.wait()
+                if self._closed and not self._incoming and not any(self._rows):
+                    return
+                incoming, self._incoming = self._incoming, []
+            with torch.no_grad():
+                self._admit(incoming)
+                self._expire()
+                if any(self._rows):
+                    self._step()
+
+    def _admit(self, incoming) -> None:
+        for future, ids, speed, deadline, serial in incoming:
+            # Futures stay pending until answered, so that a client can cancel one in flight.
+            if future.cancelled():
+                continue
+            try:
+                inputs = embed(self.model, self.arch, ids[None].to(self.device), None)
+                hidden = inputs.hidden[0]
+            except Exception as err:  # a request's own failure is its answer
+                self._fail([future], err)
+                continue
+            self._rows[0].append(_Row(future, hidden, speed, deadline, serial))
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for depth, rows in enumerate(self._rows):
+            keep = []
+            for row in rows:
+                if row.future.cancelled():
+                    continue
+                if row.deadline is not None and now > row.deadline:
+                    self._fail([row.future], TimeoutError("the request did not finish within its timeout"))
+                    continue
+                keep.append(row)
+            self._rows[depth] = keep
+
+    def _step(self) -> None:
+        depth = _pick_depth(self._rows, self.max_wait_steps)
+        chosen = _group_by_length(self._rows[depth], self.max_batch)
+        chosen_ids = {id(row) for row in chosen}
+        self._rows[depth] = [row for row in self._rows[depth] if id(row) not in chosen_ids]
+        for rows in self._rows:
+            for row in rows:
+                row.waited += 1
+        try:
+            self._run(depth, chosen)
+        except Exception as err:  # fail the rows of this call, keep serving
+            self._fail([row.future for row in chosen], err)
+
+    def _run(self, depth: int, rows: list[_Row]) -> None:
+        lengths = [row.hidden.shape[0] for row in rows]
+        longest = max(lengths)
+        hidden = rows[0].hidden.new_zeros(len(rows), longest, rows[0].hidden.shape[1])
+        mask = torch.zeros(len(rows), longest, dtype=torch.int64, device=self.device)
+        for i, row in enumerate(rows):
+            hidden[i, : lengths[i]] = row.hidden
+            mask[i, : lengths[i]] = 1
+        padded = min(lengths) < longest
+        context = layer_context(self.model, self.arch, hidden, mask, padded)
+        hidden = self.arch.run(self.model, depth, self.layers[depth], hidden, context)
+        self.stats.layer_calls[depth] += 1
+        self.stats.layer_rows[depth] += len(rows)
+        last = depth == len(self.layers) - 1
+        if last:
+            logits = teacher_logits(self.model, self.arch, hidden, mask).float()
+            uncertainty = normalized_entropy(logits)
+            exits = torch.ones(len(rows), dtype=torch.bool)
+        elif max(row.speed for row in rows) == 0.0:  # speed 0 computes no branch, as in the model
+            for i, row in enumerate(rows):
+                row.hidden, row.depth, row.waited = hidden[i, : lengths[i]].clone(), depth + 1, 0
+                self._rows[depth + 1].append(row)
+            return
+        else:
+            branch = branch_modules(self.model)[depth]
+            logits, uncertainty, _ = branch.exit_decision(hidden, mask, 1.0)
+            speeds = torch.tensor([row.speed for row in rows], device=uncertainty.device)
+            exits = uncertainty < speeds
+        logits, uncertainty, exits = logits.cpu(), uncertainty.cpu(), exits.cpu()
+        for i, row in enumerate(rows):
+            if bool(exits[i]):
+                self._complete(row, logits[i], depth + 1, float(uncertainty[i]))
+            elif not row.future.cancelled():
+                row.hidden, row.depth, row.waited = hidden[i, : lengths[i]].clone(), depth + 1, 0
+                self._rows[depth + 1].append(row)
+
+    def _complete(self, row: _Row, logits: torch.Tensor, exit_layer: int, uncertainty: float) -> None:
+        label = int(logits.argmax())
+        names = getattr(self.model.config, "id2label", None) or {}
+        result = EngineResult(label, names.get(label), logits.clone(), exit_layer, uncertainty)
+        try:
+            row.future.set_result(result)
+            self.stats.completed += 1
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled by its client meanwhile
+
+    def _fail(self, futures: list[concurrent.futures.Future], err: BaseException) -> None:
+        for future in futures:
+            try:
+                future.set_exception(err)
+                self.stats.failed += 1
+            except concurrent.futures.InvalidStateError:
+                pass  # cancelled by its client meanwhile

@@ -1,0 +1,253 @@
+"""The serving engine: answers equal running each request alone whatever the arrival order and
+concurrency; bad requests, timeouts, cancellation and step failures affect only their own
+requests; back-pressure and closing never lose an accepted request."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import random
+import threading
+import time
+
+import pytest
+import torch
+from helpers import VOCAB, spread_branches, tiny_model
+
+import fastbert_kernels as fbk
+from fastbert_kernels.serving import Engine, EngineClosedError, EngineFullError, _pick_depth, _Row
+
+
+def _model():
+    model = fbk.patch(tiny_model("bert", layers=4))
+    spread_branches(model)
+    return model.eval()
+
+
+def _requests(count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(count)]
+
+
+def _alone(model, ids: list[int], speed: float):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), speed=speed)
+
+
+@pytest.mark.parametrize("max_batch", [1, 4, 16])
+def test_answers_equal_running_each_request_alone(max_batch, _seed):
+    model = _model()
+    requests = _requests(40, _seed)
+    speeds = [random.Random(_seed + i).choice([0.0, 0.3, 0.6, 0.9]) for i in range(len(requests))]
+    order = list(range(len(requests)))
+    random.Random(_seed).shuffle(order)
+    with Engine(model, max_batch=max_batch) as engine:
+        futures = {i: engine.submit(requests[i], speed=speeds[i]) for i in order}
+        results = {i: f.result(timeout=120) for i, f in futures.items()}
+    exit_layers = set()
+    for i, ids in enumerate(requests):
+        expected = _alone(model, ids, speeds[i])
+        got = results[i]
+        assert got.exit_layer == int(expected.exit_layer), i
+        torch.testing.assert_close(got.logits, expected.logits[0], atol=1e-5, rtol=1e-5)
+        assert got.label == int(expected.logits[0].argmax())
+        exit_layers.add(got.exit_layer)
+    assert len(exit_layers) > 1, "the requests should leave at different depths"
+    assert engine.stats.completed == len(requests)
+
+
+def test_many_client_threads(_seed):
+    model = _model()
+    requests = _requests(48, _seed)
+    results: dict[int, object] = {}
+    with Engine(model, max_batch=8) as engine:
+
+        def client(part: int) -> None:
+            for i in range(part, len(requests), 6):
+                results[i] = engine.submit(requests[i], speed=0.5).result(timeout=120)
+
+        threads = [threading.Thread(target=client, args=(p,)) for p in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(results) == list(range(len(requests)))
+    for i, ids in enumerate(requests):
+        assert results[i].exit_layer == int(_alone(model, ids, 0.5).exit_layer)
+
+
+def test_bad_requests_fail_alone():
+    model = _model()
+    with Engine(model) as engine:
+        good = engine.submit([7, 8, 9], speed=0.5)
+        empty = engine.submit([], speed=0.5)
+        too_long = engine.submit([7] * 1000, speed=0.5)
+        wrong_type = engine.submit(3.5, speed=0.5)
+        bad_speed = engine.submit([7, 8], speed=2.0)
+        text_without_tokenizer = engine.submit("some text")
+        out_of_vocab = engine.submit([VOCAB + 5])
+        assert good.result(timeout=60).exit_layer >= 1
+    with pytest.raises(ValueError, match="empty request"):
+        empty.result()
+    with pytest.raises(ValueError, match="position limit"):
+        too_long.result()
+    with pytest.raises(TypeError, match="a request is a text or a sequence of token ids"):
+        wrong_type.result()
+    with pytest.raises(ValueError, match="speed"):
+        bad_speed.result()
+    with pytest.raises(TypeError, match="need a tokenizer"):
+        text_without_tokenizer.result()
+    with pytest.raises(ValueError, match="token ids must be in"):
+        out_of_vocab.result()
+
+
+def test_a_failing_step_fails_its_rows_and_the_engine_keeps_serving(monkeypatch):
+    model = _model()
+    layer = model.bert.encoder.layer[1]
+    original = type(layer).forward
+    broken = threading.Event()
+    broken.set()
+
+    def flaky(self, *args, **kwargs):
+        if broken.is_set():
+            raise RuntimeError("injected failure")
+        return original(self, *args, **kwargs)
+
+    with Engine(model, max_batch=64) as engine:
+        monkeypatch.setattr(type(layer), "forward", flaky)
+        first = [engine.submit([5 + i, 6, 7], speed=0.0) for i in range(3)]
+        errors = [f.exception(timeout=60) for f in first]
+        assert all(isinstance(e, RuntimeError) and "injected" in str(e) for e in errors)
+        broken.clear()
+        later = engine.submit([9, 10, 11], speed=0.0).result(timeout=60)
+    assert later.exit_layer == 4
+    assert engine.stats.failed == 3
+
+
+def test_timeouts_and_cancellation():
+    model = _model()
+    started = threading.Event()
+    release = threading.Event()
+    layer = model.bert.encoder.layer[0]
+    original = type(layer).forward
+
+    def slow(self, *args, **kwargs):
+        started.set()
+        release.wait(timeout=30)
+        return original(self, *args, **kwargs)
+
+    engine = Engine(model, max_batch=1)
+    try:
+        type(layer).forward = slow
+        blocker = engine.submit([5, 6, 7], speed=0.0)
+        assert started.wait(timeout=30)
+        timed_out = engine.submit([8, 9], speed=0.0, timeout=0.01)
+        cancelled = engine.submit([8, 9, 10], speed=0.0)
+        assert cancelled.cancel()
+        time.sleep(0.05)  # past the 10 ms deadline before the worker looks at the queue again
+        release.set()
+        type(layer).forward = original
+        assert blocker.result(timeout=60).exit_layer == 4
+        with pytest.raises(TimeoutError):
+            timed_out.result(timeout=60)
+        assert cancelled.cancelled()
+    finally:
+        type(layer).forward = original
+        release.set()
+        engine.close()
+
+
+def test_back_pressure_and_closing_drain():
+    model = _model()
+    release = threading.Event()
+    layer = model.bert.encoder.layer[0]
+    original = type(layer).forward
+
+    def held(self, *args, **kwargs):
+        release.wait(timeout=30)
+        return original(self, *args, **kwargs)
+
+    engine = Engine(model, max_batch=2, max_in_flight=2)
+    try:
+        type(layer).forward = held
+        accepted = [engine.submit([5, 6], speed=0.0), engine.submit([7, 8], speed=0.0)]
+        with pytest.raises(EngineFullError):
+            engine.submit([9], speed=0.0, block=False)
+        with pytest.raises(EngineFullError):
+            engine.submit([9], speed=0.0, wait=0.05)
+        release.set()
+        type(layer).forward = original
+        engine.close()  # drains: every accepted request is answered
+        assert all(f.result(timeout=0).exit_layer == 4 for f in accepted)
+        with pytest.raises(EngineClosedError):
+            engine.submit([5], speed=0.0)
+    finally:
+        type(layer).forward = original
+        release.set()
+        engine.close()
+
+
+def test_asyncio_and_blocking_conveniences():
+    model = _model()
+    requests = _requests(6, 1)
+    with Engine(model) as engine:
+        blocking = engine.classify(requests, speed=0.5)
+
+        async def run():
+            return await asyncio.gather(*(engine.aclassify(r, speed=0.5) for r in requests))
+
+        awaited = asyncio.run(run())
+    for a, b in zip(blocking, awaited, strict=True):
+        assert a.exit_layer == b.exit_layer
+        torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_text_requests_with_a_tokenizer():
+    from helpers import word_tokenizer
+
+    model = _model()
+    tokenizer = word_tokenizer()
+    with Engine(model, tokenizer) as engine:
+        result = engine.submit("a b c", speed=0.5).result(timeout=60)
+        with pytest.raises(ValueError, match="empty request"):
+            engine.submit("   ").result()
+    ids = tokenizer("a b c")["input_ids"]
+    assert result.exit_layer == int(_alone(model, ids, 0.5).exit_layer)
+
+
+def test_policy_serves_the_fullest_depth_and_never_starves():
+    future = concurrent.futures.Future()
+
+    def rows(count: int, waited: int = 0) -> list[_Row]:
+        return [_Row(future, torch.zeros(1, 1), 0.5, None, serial=i, waited=waited) for i in range(count)]
+
+    assert _pick_depth([rows(3), rows(5), rows(1)], max_wait_steps=16) == 1
+    assert _pick_depth([rows(2), rows(2), []], max_wait_steps=16) == 1  # ties go deeper
+    # A row that waited max_wait_steps is served first, however full the other depths are.
+    assert _pick_depth([rows(1, waited=16), rows(50), []], max_wait_steps=16) == 0
+
+
+def test_batches_fill_under_load(_seed):
+    model = _model()
+    requests = _requests(64, _seed)
+    gate = threading.Event()
+    layer = model.bert.encoder.layer[0]
+    original = type(layer).forward
+
+    def gated(self, *args, **kwargs):
+        gate.wait(timeout=30)
+        return original(self, *args, **kwargs)
+
+    try:
+        type(layer).forward = gated  # the load arrives while the first call runs
+        with Engine(model, max_batch=8) as engine:
+            futures = [engine.submit(r, speed=0.0) for r in requests]
+            gate.set()
+            for f in futures:
+                f.result(timeout=120)
+    finally:
+        type(layer).forward = original
+        gate.set()
+    # Speed 0: nobody leaves early; with the queue full, layer calls run (nearly) full.
+    assert engine.stats.mean_fill(8) > 0.8
+    assert sum(engine.stats.layer_rows) == 64 * 4

@@ -25,6 +25,7 @@ rounding) and its exit layer is the same, whatever else was in flight.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -76,20 +77,42 @@ class _Row:
     serial: int
     depth: int = 0
     waited: int = 0  # steps spent waiting at the current depth
+    submitted: float = 0.0  # time.monotonic() at submit
 
 
 @dataclasses.dataclass
 class EngineStats:
-    """Counters since the engine started: per depth, the layer calls made and the rows they ran."""
+    """Counters since the engine started: answers, failures, per depth the layer calls made and the
+    rows they ran, and the latencies (submit to answer, seconds) of the last 10,000 answers."""
 
     completed: int = 0
     failed: int = 0
     layer_calls: list[int] = dataclasses.field(default_factory=list)
     layer_rows: list[int] = dataclasses.field(default_factory=list)
+    latencies: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=10_000))
+    started: float = dataclasses.field(default_factory=time.monotonic)
 
     def mean_fill(self, max_batch: int) -> float:
         calls = sum(self.layer_calls)
         return sum(self.layer_rows) / (calls * max_batch) if calls else 0.0
+
+    def summary(self, max_batch: int) -> dict:
+        """What a metrics endpoint reports: throughput, fill per depth, latency percentiles (ms)."""
+        latencies = sorted(self.latencies)
+
+        def percentile(q: float) -> float | None:
+            return 1e3 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
+
+        return {
+            "completed": self.completed,
+            "failed": self.failed,
+            "throughput_per_s": self.completed / max(1e-9, time.monotonic() - self.started),
+            "batch_fill_per_depth": [
+                rows / (calls * max_batch) if calls else None
+                for calls, rows in zip(self.layer_calls, self.layer_rows, strict=True)
+            ],
+            "latency_ms": {"p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99)},
+        }
 
 
 def _pick_depth(rows_by_depth: list[list[_Row]], max_wait_steps: int) -> int:
@@ -149,7 +172,7 @@ class Engine:
         self.stats = EngineStats(layer_calls=[0] * len(self.layers), layer_rows=[0] * len(self.layers))
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._lock = threading.Condition()
-        self._incoming: list[tuple[concurrent.futures.Future, torch.Tensor, float, float | None, int]] = []
+        self._incoming: list[tuple[concurrent.futures.Future, torch.Tensor, float, float | None, int, float]] = []
         self._rows: list[list[_Row]] = [[] for _ in self.layers]
         self._serial = itertools.count()
         self._closed = False
@@ -189,7 +212,7 @@ class Engine:
             if self._closed:
                 self._slots.release()
                 raise EngineClosedError("the engine is closed")
-            self._incoming.append((future, ids, speed, deadline, next(self._serial)))
+            self._incoming.append((future, ids, speed, deadline, next(self._serial), time.monotonic()))
             self._lock.notify()
         return future
 
@@ -258,7 +281,7 @@ class Engine:
                     self._step()
 
     def _admit(self, incoming) -> None:
-        for future, ids, speed, deadline, serial in incoming:
+        for future, ids, speed, deadline, serial, submitted in incoming:
             # Futures stay pending until answered, so that a client can cancel one in flight.
             if future.cancelled():
                 continue
@@ -268,7 +291,7 @@ class Engine:
             except Exception as err:  # a request's own failure is its answer
                 self._fail([future], err)
                 continue
-            self._rows[0].append(_Row(future, hidden, speed, deadline, serial))
+            self._rows[0].append(_Row(future, hidden, speed, deadline, serial, submitted=submitted))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -339,6 +362,7 @@ class Engine:
         try:
             row.future.set_result(result)
             self.stats.completed += 1
+            self.stats.latencies.append(time.monotonic() - row.submitted)
         except concurrent.futures.InvalidStateError:
             pass  # cancelled by its client meanwhile
 

@@ -251,3 +251,85 @@ def test_batches_fill_under_load(_seed):
     # Speed 0: nobody leaves early; with the queue full, layer calls run (nearly) full.
     assert engine.stats.mean_fill(8) > 0.8
     assert sum(engine.stats.layer_rows) == 64 * 4
+
+
+# ---- HTTP (the serve extra), on the loopback interface only -------------------------------------
+
+
+@pytest.fixture
+def http_server():
+    pytest.importorskip("starlette")
+    uvicorn = pytest.importorskip("uvicorn")
+    import socket
+
+    from helpers import word_tokenizer
+
+    from fastbert_kernels.apps.serve import create_app
+
+    model = _model()
+    engine = Engine(model, word_tokenizer(), max_batch=8)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, max_body_bytes=2048), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", model, engine
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.close()
+        sock.close()
+
+
+def _http(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_http_classify_health_and_metrics(http_server):
+    import json
+
+    from helpers import word_tokenizer
+
+    url, model, _ = http_server
+    status, body = _http(f"{url}/health")
+    assert (status, body) == (200, {"status": "ok"})
+    status, body = _http(f"{url}/classify", json.dumps({"texts": ["a b c", "d e"], "speed": 0.5}).encode())
+    assert status == 200 and len(body["results"]) == 2
+    ids = word_tokenizer()("a b c")["input_ids"]
+    expected = _alone(model, ids, 0.5)
+    first = body["results"][0]
+    assert first["exit_layer"] == int(expected.exit_layer)
+    torch.testing.assert_close(torch.tensor(first["scores"]), torch.softmax(expected.logits[0], -1), atol=1e-5, rtol=0)
+    status, metrics = _http(f"{url}/metrics")
+    assert status == 200 and metrics["completed"] >= 2 and metrics["latency_ms"]["p50"] is not None
+
+
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 422, "JSON object"),
+        (b'{"text": "a", "texts": ["b"]}', 422, "exactly one"),
+        (b'{"texts": []}', 422, "non-empty list"),
+        (b'{"text": "a", "speed": 3}', 422, "speed"),
+        (b'{"text": "   "}', 422, "empty request"),
+        (b'{"text": "' + b"a " * 2000 + b'"}', 413, "byte limit"),
+    ],
+)
+def test_http_bad_bodies_get_clear_4xx(http_server, body, status, message):
+    url, _, _ = http_server
+    got_status, got = _http(f"{url}/classify", body)
+    assert got_status == status and message in got["error"]

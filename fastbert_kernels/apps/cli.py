@@ -1,10 +1,11 @@
-"""Command line: ``python -m fastbert_kernels {demo,bench,env,distill,classify}``.
+"""Command line: ``python -m fastbert_kernels {demo,bench,env,distill,classify,serve}``.
 
 * ``demo``: fine-tune the packaged all-MiniLM-L6-v2 on Rotten Tomatoes (or BANKING77, or a CSV),
   distil the students, evaluate a sweep of speeds against the unpatched model (:mod:`.demo`).
 * ``bench``: the same evaluation with more timing repeats, results under benchmarks/results.
 * ``env``: what was built, what is available, and which backend each device uses.
 * ``distill``, ``classify``: the library's distillation and corpus classification on files.
+* ``serve``: a checkpoint over HTTP through the depth-pooled serving engine (:mod:`.serve`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def cmd_env(_: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_cli(checkpoint: str):
+def load_for_cli(checkpoint: str):
     """A patched model and its tokenizer from a FastBERT checkpoint, or a plain fine-tuned
     classifier checkpoint (patched here, with fresh students)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -55,7 +56,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..corpus import read_texts
 
-    model, tokenizer = _load_for_cli(args.checkpoint)
+    model, tokenizer = load_for_cli(args.checkpoint)
     history = fbk.distill(
         model,
         read_texts(args.texts),
@@ -80,7 +81,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..corpus import classify_corpus
 
-    model, tokenizer = _load_for_cli(args.checkpoint)
+    model, tokenizer = load_for_cli(args.checkpoint)
     out = classify_corpus(
         model,
         args.corpus,
@@ -95,6 +96,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if distributed.context().is_main:
         print(f"wrote {out}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serves a FastBERT checkpoint over HTTP (the serve extra)."""
+    from .serve import serve
+
+    return serve(args.checkpoint, args.host, args.port, args.max_batch, args.max_body_bytes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-size", type=int, default=1024)
     c.add_argument("--workers", type=int, default=1, help="local processes when not launched by torchrun")
     c.set_defaults(func=cmd_classify)
+    v = sub.add_parser("serve", help="serve a checkpoint over HTTP with the depth-pooled engine")
+    v.add_argument("checkpoint", help="a FastBERT checkpoint (with its tokenizer)")
+    v.add_argument("--host", default="127.0.0.1", help="the interface to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-batch", type=int, default=64, help="the most rows a layer call runs")
+    v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    v.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -200,6 +200,56 @@ def time_end_to_end(device: torch.device, quick: bool, repeats: int) -> list[dic
     return rows
 
 
+@torch.no_grad()
+def time_engine(device: torch.device, quick: bool) -> dict:
+    """Saturation throughput (every request queued at once) of static batches of 64, unpatched and
+    patched, and of the depth-pooled serving engine, at a speed where about half the rows leave
+    after layer 1; plus the engine's batch fill."""
+    from fastbert_kernels.serving import Engine
+
+    shape = QUICK_SHAPES[0] if quick else SHAPES[0]
+    count, max_batch = (32, 8) if quick else (1024, 64)
+    model = random_model(shape, device)
+    lengths = review_like_lengths(count, 128)
+    requests = [torch.randint(5, model.config.vocab_size, (int(n),)).tolist() for n in lengths]
+    batches = [
+        make_batch(lengths[i : i + max_batch], device, model.config.vocab_size) for i in range(0, count, max_batch)
+    ]
+    begin = time.perf_counter()
+    forward_all(model, batches)
+    _sync(device)
+    unpatched_s = time.perf_counter() - begin
+    fbk.patch(model)
+    spread_students(model)
+    speed = float(exit_profile(model, batches[:1]).uncertainty[:, 0].median()) + 1e-6
+    forward_all(model, batches[:1], speed)  # warm-up
+    begin = time.perf_counter()
+    forward_all(model, batches, speed)
+    _sync(device)
+    patched_s = time.perf_counter() - begin
+    with Engine(model, max_batch=max_batch) as engine:
+        engine.classify(requests[:max_batch], speed=speed)  # warm-up
+        begin = time.perf_counter()
+        engine.classify(requests, speed=speed)
+        engine_s = time.perf_counter() - begin
+        fill = engine.stats.mean_fill(max_batch)
+    return {
+        "model": shape[0],
+        "requests": count,
+        "max_batch": max_batch,
+        "speed": speed,
+        "unpatched_static_per_s": count / unpatched_s,
+        "patched_static_per_s": count / patched_s,
+        "engine_per_s": count / engine_s,
+        "engine_batch_fill": fill,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _kernel_count(fn) -> int | None:
     """CUDA kernels launched by ``fn``, from the profiler (None where it cannot tell)."""
     try:
@@ -295,6 +345,7 @@ def markdown(report: dict) -> str:
         for r in report["end_to_end"]
     ]
     lines += ["", "Per layer:", "```", json.dumps(report["per_layer"], indent=1), "```", ""]
+    lines += ["Serving engine at saturation:", "```", json.dumps(report.get("serving"), indent=1), "```", ""]
     return "\n".join(lines)
 
 
@@ -318,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     report["end_to_end"] = time_end_to_end(device, args.quick, args.repeats)
     print(f"end to end: {len(report['end_to_end'])} timings", flush=True)
     report["per_layer"] = per_layer_counts(device, args.quick)
+    report["serving"] = time_engine(device, args.quick)
+    print("serving:", report["serving"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "gpu_check" if device.type == "cuda" else f"gpu_check_{device.type}"
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))

@@ -22,4 +22,6 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     per_layer = report["per_layer"]
     # The input check's one read, plus at most one per layer that ran a branch.
     assert per_layer["adaptive_host_syncs_per_branch_layer"] <= 1
+    serving = report["serving"]
+    assert serving["engine_per_s"] > 0 and 0 < serving["engine_batch_fill"] <= 1
     assert (tmp_path / "gpu_check_cpu.md").read_text().startswith("# GPU check")

@@ -20,6 +20,7 @@ from .corpus import classify_corpus
 from .modeling import FastBertOutput, fastbert_config, is_patched, patch, students, unpatch
 from .pipelines import FastBertTextClassificationPipeline, pipeline
 from .serialization import from_pretrained
+from .serving import Engine, EngineResult
 from .training import TrainHistory, TrainingOptions, distill, fine_tune, student_kl
 
 __version__ = "0.1.0"
@@ -27,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCHITECTURES",
     "BranchClassifier",
+    "Engine",
+    "EngineResult",
     "FastBertConfig",
     "FastBertOutput",
     "FastBertTextClassificationPipeline",

@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .demo import DEFAULT_SPEEDS, cmd_demo
 from .environment import environment
+from .loading import load_for_cli
 
 
 def cmd_env(_: argparse.Namespace) -> int:
@@ -31,22 +31,6 @@ def cmd_env(_: argparse.Namespace) -> int:
     for device, message in backends.get("error", {}).items():
         print(f"error on {device}: {message}")
     return 0
-
-
-def load_for_cli(checkpoint: str):
-    """A patched model and its tokenizer from a FastBERT checkpoint, or a plain fine-tuned
-    classifier checkpoint (patched here, with fresh students)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    import fastbert_kernels as fbk
-
-    from ..config import CONFIG_FILE
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-    if (Path(checkpoint) / CONFIG_FILE).is_file():
-        return fbk.from_pretrained(checkpoint), tokenizer
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, local_files_only=True)
-    return fbk.patch(model), tokenizer
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

@@ -117,7 +117,7 @@ def serve(checkpoint: str, host: str, port: int, max_batch: int, max_body_bytes:
         import uvicorn
     except ImportError:
         raise SystemExit("serve needs the serve extra: pip install 'fastbert_kernels[serve]'") from None
-    from .cli import load_for_cli
+    from .loading import load_for_cli
 
     model, tokenizer = load_for_cli(checkpoint)
     with Engine(model, tokenizer, max_batch=max_batch) as engine:

@@ -229,18 +229,21 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = model.config.num_hidden_layers
     wait = args.max_wait_ms / 1e3
 
+    def engine_system(policy: str):
+        c = Engine(model, max_batch=args.max_batch, policy=policy)
+        return (
+            lambda ids: c.submit(ids, speed=args.speed),
+            c.close,
+            lambda: sum(c.stats.layer_rows) / max(1, sum(c.stats.layer_calls)),
+        )
+
     def systems():
         a = DynamicBatcher(unpatched_runner(model, pad_id, num_layers), args.max_batch, wait)
         b = DynamicBatcher(patched_runner(model, pad_id, args.speed), args.max_batch, wait)
-        c = Engine(model, max_batch=args.max_batch)
         return {
             "a_unpatched_batcher": (a.submit, a.close, lambda: a.layer_rows / max(1, a.layer_calls)),
             "b_patched_batcher": (b.submit, b.close, lambda: b.layer_rows / max(1, b.layer_calls)),
-            "c_engine": (
-                lambda ids: c.submit(ids, speed=args.speed),
-                c.close,
-                lambda: sum(c.stats.layer_rows) / max(1, sum(c.stats.layer_calls)),
-            ),
+            "c_engine": engine_system("fullest"),
         }
 
     with torch.no_grad():
@@ -260,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
             close()
             rows.append({"system": name, "load": load, "rate_per_s": rate, **stats, "rows_per_layer_call": fill()})
             print(rows[-1], flush=True)
+    # The engine's other policies, at 75% of (b)'s saturation.
+    for policy in ("deepest", "oldest"):
+        submit, close, fill = engine_system(policy)
+        rate = 0.75 * saturation["b_patched_batcher"]
+        stats = drive(submit, requests, rate, args.seed)
+        close()
+        rows.append({"system": f"c_engine_{policy}", "load": 0.75, "rate_per_s": rate, **stats,
+                     "rows_per_layer_call": fill()})  # fmt: skip
+        print(rows[-1], flush=True)
     with torch.no_grad():
         exit_layers = []
         for i in range(0, len(requests), args.max_batch):
@@ -272,7 +284,35 @@ def main(argv: list[str] | None = None) -> int:
     result = {"checkpoint": str(checkpoint), "speed": args.speed, "max_batch": args.max_batch,
               "threads": torch.get_num_threads(), "rows": rows, "gpu_projection_simulated": projection}  # fmt: skip
     (out / "serving.json").write_text(json.dumps(result, indent=1))
+    plot(rows, out / "serving_latency.png", args)
     return 0
+
+
+def plot(rows: list[dict], path: Path, args) -> None:
+    """p50 and p99 latency against offered load, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = {"a_unpatched_batcher": "unpatched, dynamic batcher", "b_patched_batcher": "FastBERT, dynamic batcher",
+              "c_engine": "FastBERT, depth-pooled engine"}  # fmt: skip
+    for system, label in labels.items():
+        points = sorted((r["rate_per_s"], r["p50_ms"], r["p99_ms"]) for r in rows
+                        if r["system"] == system and r["load"] != "saturation")  # fmt: skip
+        if points:
+            line = ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{label}, p50")[0]
+            ax.plot([p[0] for p in points], [p[2] for p in points], "--", color=line.get_color(), label=f"{label}, p99")
+    ax.set_xlabel("offered load (requests/s, Poisson)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"Serving at speed {args.speed}, max batch {args.max_batch}, CPU {torch.get_num_threads()} threads")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ picks one depth ``d``, runs layer ``d + 1`` on up to ``max_batch`` waiting rows 
 requests at once, the others join the queue of depth ``d + 1``. New requests join between steps,
 so a layer call is as full as the load allows.
 
-Policy (:func:`_pick_depth`): the depth with the most waiting rows, ties to the deepest (it is the
-closest to answering), except that a row that has waited ``max_wait_steps`` steps at its depth is
-served first (the oldest such), so no request starves however the load is spread.
+Policy (:func:`_pick_depth`, default ``fullest``): the depth with the most waiting rows, ties to
+the deepest (it is the closest to answering), except that a row that has waited
+``max_wait_steps`` steps at its depth is served first (the oldest such), so no request starves
+however the load is spread. ``deepest`` and ``oldest`` are there to be measured against it.
 
 Answers do not depend on the engine: each request is embedded alone, kept at its own length, and
 padded only inside a layer call with a mask, so its logits equal running it alone (to float
@@ -115,14 +116,25 @@ class EngineStats:
         }
 
 
-def _pick_depth(rows_by_depth: list[list[_Row]], max_wait_steps: int) -> int:
-    """The depth to run next: a starving row's depth if any (the one that waited longest), else the
-    depth with the most waiting rows, ties to the deepest."""
+POLICIES = ("fullest", "deepest", "oldest")
+
+
+def _pick_depth(rows_by_depth: list[list[_Row]], max_wait_steps: int, policy: str = "fullest") -> int:
+    """The depth to run next. Whatever the policy, a starving row's depth comes first (the row
+    that waited longest). Then ``fullest``: the depth with the most waiting rows, ties to the
+    deepest (full calls, and the deeper rows are the closest to answering); ``deepest``: the
+    deepest depth with rows (drain first: lowest latency for rows in flight, emptier calls);
+    ``oldest``: the depth of the oldest request (first come, first served)."""
     starving = [(row.waited, -row.serial, d) for d, rows in enumerate(rows_by_depth) for row in rows]
     starving = [entry for entry in starving if entry[0] >= max_wait_steps]
     if starving:
         return max(starving)[2]
-    return max(range(len(rows_by_depth)), key=lambda d: (len(rows_by_depth[d]), d))
+    occupied = [d for d, rows in enumerate(rows_by_depth) if rows]
+    if policy == "deepest":
+        return occupied[-1]
+    if policy == "oldest":
+        return min(occupied, key=lambda d: min(row.serial for row in rows_by_depth[d]))
+    return max(occupied, key=lambda d: (len(rows_by_depth[d]), d))
 
 
 def _group_by_length(rows: list[_Row], max_batch: int) -> list[_Row]:
@@ -145,6 +157,8 @@ class Engine:
             :class:`EngineFullError` with ``block=False`` or after its ``timeout``).
         max_wait_steps: a row waiting this many steps at its depth is served next.
         max_length: truncation of text requests (default: the model's position limit).
+        policy: which depth runs next (:func:`_pick_depth`): ``fullest`` (default), ``deepest``
+            or ``oldest``.
     """
 
     def __init__(
@@ -156,11 +170,15 @@ class Engine:
         max_in_flight: int = 1024,
         max_wait_steps: int = 16,
         max_length: int | None = None,
+        policy: str = "fullest",
     ) -> None:
         if not is_patched(model):
             raise ValueError("the engine needs a patched model: call fastbert_kernels.patch(model) first")
         if max_batch < 1 or max_in_flight < 1 or max_wait_steps < 1:
             raise ValueError("max_batch, max_in_flight and max_wait_steps must be positive")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_wait_steps = max_batch, max_wait_steps
@@ -307,7 +325,7 @@ class Engine:
             self._rows[depth] = keep
 
     def _step(self) -> None:
-        depth = _pick_depth(self._rows, self.max_wait_steps)
+        depth = _pick_depth(self._rows, self.max_wait_steps, self.policy)
         chosen = _group_by_length(self._rows[depth], self.max_batch)
         chosen_ids = {id(row) for row in chosen}
         self._rows[depth] = [row for row in self._rows[depth] if id(row) not in chosen_ids]

@@ -34,14 +34,16 @@ def _alone(model, ids: list[int], speed: float):
         return model(input_ids=torch.tensor([ids]), speed=speed)
 
 
-@pytest.mark.parametrize("max_batch", [1, 4, 16])
-def test_answers_equal_running_each_request_alone(max_batch, _seed):
+@pytest.mark.parametrize(
+    "max_batch,policy", [(1, "fullest"), (4, "fullest"), (16, "fullest"), (4, "deepest"), (4, "oldest")]
+)
+def test_answers_equal_running_each_request_alone(max_batch, policy, _seed):
     model = _model()
     requests = _requests(40, _seed)
     speeds = [random.Random(_seed + i).choice([0.0, 0.3, 0.6, 0.9]) for i in range(len(requests))]
     order = list(range(len(requests)))
     random.Random(_seed).shuffle(order)
-    with Engine(model, max_batch=max_batch) as engine:
+    with Engine(model, max_batch=max_batch, policy=policy) as engine:
         futures = {i: engine.submit(requests[i], speed=speeds[i]) for i in order}
         results = {i: f.result(timeout=120) for i, f in futures.items()}
     exit_layers = set()
@@ -223,8 +225,14 @@ def test_policy_serves_the_fullest_depth_and_never_starves():
 
     assert _pick_depth([rows(3), rows(5), rows(1)], max_wait_steps=16) == 1
     assert _pick_depth([rows(2), rows(2), []], max_wait_steps=16) == 1  # ties go deeper
+    assert _pick_depth([rows(3), rows(5), rows(1)], 16, "deepest") == 2
+    oldest_first = [rows(3), [_Row(future, torch.zeros(1, 1), 0.5, None, serial=-1)], rows(1)]
+    assert _pick_depth(oldest_first, 16, "oldest") == 1
     # A row that waited max_wait_steps is served first, however full the other depths are.
-    assert _pick_depth([rows(1, waited=16), rows(50), []], max_wait_steps=16) == 0
+    for policy in ("fullest", "deepest", "oldest"):
+        assert _pick_depth([rows(1, waited=16), rows(50), []], 16, policy) == 0
+    with pytest.raises(ValueError, match="policy"):
+        Engine(_model(), policy="random")
 
 
 def test_batches_fill_under_load(_seed):

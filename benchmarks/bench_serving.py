@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="arrival sequences per load level (medians reported)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     found = sorted(Path(".cache/fastbert_demo").glob("rotten_tomatoes-*/fastbert"))
@@ -251,25 +251,27 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     saturation = {}
     for name, (submit, close, fill) in systems().items():
-        stats = drive(submit, requests, None, args.seed)
+        stats = drive(submit, requests, None, 0)
         close()
         saturation[name] = stats["throughput_per_s"]
         rows.append({"system": name, "load": "saturation", **stats, "rows_per_layer_call": fill()})
         print(rows[-1], flush=True)
     for load in args.loads:
         rate = load * saturation["b_patched_batcher"]
-        for name, (submit, close, fill) in systems().items():
-            stats = drive(submit, requests, rate, args.seed)
-            close()
-            rows.append({"system": name, "load": load, "rate_per_s": rate, **stats, "rows_per_layer_call": fill()})
-            print(rows[-1], flush=True)
+        for seed in range(args.seeds):
+            for name, (submit, close, fill) in systems().items():
+                stats = drive(submit, requests, rate, seed)
+                close()
+                rows.append({"system": name, "load": load, "seed": seed, "rate_per_s": rate, **stats,
+                             "rows_per_layer_call": fill()})  # fmt: skip
+                print(rows[-1], flush=True)
     # The engine's other policies, at 75% of (b)'s saturation.
     for policy in ("deepest", "oldest"):
         submit, close, fill = engine_system(policy)
         rate = 0.75 * saturation["b_patched_batcher"]
-        stats = drive(submit, requests, rate, args.seed)
+        stats = drive(submit, requests, rate, 0)
         close()
-        rows.append({"system": f"c_engine_{policy}", "load": 0.75, "rate_per_s": rate, **stats,
+        rows.append({"system": f"c_engine_{policy}", "load": 0.75, "seed": 0, "rate_per_s": rate, **stats,
                      "rows_per_layer_call": fill()})  # fmt: skip
         print(rows[-1], flush=True)
     with torch.no_grad():
@@ -284,8 +286,30 @@ def main(argv: list[str] | None = None) -> int:
     result = {"checkpoint": str(checkpoint), "speed": args.speed, "max_batch": args.max_batch,
               "threads": torch.get_num_threads(), "rows": rows, "gpu_projection_simulated": projection}  # fmt: skip
     (out / "serving.json").write_text(json.dumps(result, indent=1))
-    plot(rows, out / "serving_latency.png", args)
+    summary = summarize(rows)
+    (out / "serving.json").write_text(json.dumps({**result, "summary": summary}, indent=1))
+    for line in summary:
+        print(line)
+    plot(summary, out / "serving_latency.png", args)
     return 0
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per system and load: the medians over seeds of throughput, p50, p99 and rows per call."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["system"], row["load"]), []).append(row)
+    keys = ("throughput_per_s", "p50_ms", "p99_ms", "rows_per_layer_call")
+    return [
+        {
+            "system": system,
+            "load": load,
+            "rate_per_s": group[0].get("rate_per_s"),
+            "seeds": len(group),
+            **{k: statistics.median(r[k] for r in group) for k in keys},
+        }
+        for (system, load), group in groups.items()
+    ]
 
 
 def plot(rows: list[dict], path: Path, args) -> None:

@@ -168,7 +168,7 @@ class Engine:
         *,
         max_batch: int = 64,
         max_in_flight: int = 1024,
-        max_wait_steps: int = 16,
+        max_wait_steps: int = 4,
         max_length: int | None = None,
         policy: str = "fullest",
     ) -> None:

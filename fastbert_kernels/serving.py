@@ -99,7 +99,8 @@ class EngineStats:
 
     def summary(self, max_batch: int) -> dict:
         """What a metrics endpoint reports: throughput, fill per depth, latency percentiles (ms)."""
-        latencies = sorted(self.latencies)
+        # deque.copy() runs in C under the GIL: safe while the worker appends (iteration is not).
+        latencies = sorted(self.latencies.copy())
 
         def percentile(q: float) -> float | None:
             return 1e3 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None

@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from demo_checkpoint import load_checkpoint
 
 import fastbert_kernels as fbk
 from fastbert_kernels import modeling, ops
@@ -33,11 +33,6 @@ from fastbert_kernels.apps.data import load_rotten_tomatoes
 from fastbert_kernels.branch import BranchClassifier
 
 SPEEDS = (0.0, 0.1, 0.2)
-
-
-def _default_checkpoint() -> Path | None:
-    found = sorted(Path(".cache/fastbert_demo").glob("rotten_tomatoes-*/fastbert"))
-    return found[-1] if found else None
 
 
 def side_by_side(model, batches, speeds, repeats: int) -> dict:
@@ -132,12 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else _default_checkpoint()
-    if checkpoint is None:
+    loaded = load_checkpoint(args.checkpoint)
+    if loaded is None:
         print("no checkpoint: run `make demo` first or pass --checkpoint", file=sys.stderr)
         return 2
-    model = fbk.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    model, tokenizer, checkpoint = loaded
     texts = load_rotten_tomatoes().test.texts[: args.samples]
     batches = [dict(tokenizer([t], return_tensors="pt", truncation=True, max_length=64)) for t in texts]
     result = {

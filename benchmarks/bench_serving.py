@@ -24,9 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from demo_checkpoint import load_checkpoint
 
-import fastbert_kernels as fbk
 from fastbert_kernels.apps.data import load_rotten_tomatoes
 from fastbert_kernels.serving import Engine
 
@@ -216,13 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="arrival sequences per load level (medians reported)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    found = sorted(Path(".cache/fastbert_demo").glob("rotten_tomatoes-*/fastbert"))
-    checkpoint = Path(args.checkpoint) if args.checkpoint else (found[-1] if found else None)
-    if checkpoint is None:
+    loaded = load_checkpoint(args.checkpoint)
+    if loaded is None:
         print("no checkpoint: run `make demo` first or pass --checkpoint", file=sys.stderr)
         return 2
-    model = fbk.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    model, tokenizer, checkpoint = loaded
     texts = load_rotten_tomatoes().test.texts[: args.requests]
     requests = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
     pad_id = tokenizer.pad_token_id or 0

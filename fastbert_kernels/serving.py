@@ -357,18 +357,17 @@ class Engine:
             uncertainty = normalized_entropy(logits)
             exits = torch.ones(len(rows), dtype=torch.bool)
         elif max(row.speed for row in rows) == 0.0:  # speed 0 computes no branch, as in the model
-            for i, row in enumerate(rows):
-                row.hidden, row.depth, row.waited = hidden[i, : lengths[i]].clone(), depth + 1, 0
-                self._rows[depth + 1].append(row)
-            return
+            logits = uncertainty = None
+            exits = torch.zeros(len(rows), dtype=torch.bool)
         else:
             branch = branch_modules(self.model)[depth]
             logits, uncertainty, _ = branch.exit_decision(hidden, mask, 1.0)
             speeds = torch.tensor([row.speed for row in rows], device=uncertainty.device)
             exits = uncertainty < speeds
-        logits, uncertainty, exits = logits.cpu(), uncertainty.cpu(), exits.cpu()
-        for i, row in enumerate(rows):
-            if bool(exits[i]):
+        if logits is not None:
+            logits, uncertainty = logits.cpu(), uncertainty.cpu()
+        for i, (row, leaves) in enumerate(zip(rows, exits.cpu().tolist(), strict=True)):
+            if leaves:
                 self._complete(row, logits[i], depth + 1, float(uncertainty[i]))
             elif not row.future.cancelled():
                 row.hidden, row.depth, row.waited = hidden[i, : lengths[i]].clone(), depth + 1, 0

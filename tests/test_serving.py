@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import random
 import threading
 import time
@@ -27,6 +28,28 @@ def _model():
 def _requests(count: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(5, VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(count)]
+
+
+@contextlib.contextmanager
+def _layers_wait_for(model, release: threading.Event, started: threading.Event | None = None):
+    """Every encoder layer of ``model`` first sets ``started`` and waits for ``release`` (30 s at
+    most), so the test controls when the engine's current call finishes; undone, and ``release``
+    set, on exit."""
+    layer_class = type(model.bert.encoder.layer[0])
+    original = layer_class.forward
+
+    def held(self, *args, **kwargs):
+        if started is not None:
+            started.set()
+        release.wait(timeout=30)
+        return original(self, *args, **kwargs)
+
+    layer_class.forward = held
+    try:
+        yield
+    finally:
+        release.set()
+        layer_class.forward = original
 
 
 def _alone(model, ids: list[int], speed: float):
@@ -130,17 +153,7 @@ def test_timeouts_and_cancellation():
     model = _model()
     started = threading.Event()
     release = threading.Event()
-    layer = model.bert.encoder.layer[0]
-    original = type(layer).forward
-
-    def slow(self, *args, **kwargs):
-        started.set()
-        release.wait(timeout=30)
-        return original(self, *args, **kwargs)
-
-    engine = Engine(model, max_batch=1)
-    try:
-        type(layer).forward = slow
+    with Engine(model, max_batch=1) as engine, _layers_wait_for(model, release, started):
         blocker = engine.submit([5, 6, 7], speed=0.0)
         assert started.wait(timeout=30)
         timed_out = engine.submit([8, 9], speed=0.0, timeout=0.01)
@@ -148,45 +161,31 @@ def test_timeouts_and_cancellation():
         assert cancelled.cancel()
         time.sleep(0.05)  # past the 10 ms deadline before the worker looks at the queue again
         release.set()
-        type(layer).forward = original
         assert blocker.result(timeout=60).exit_layer == 4
         with pytest.raises(TimeoutError):
             timed_out.result(timeout=60)
         assert cancelled.cancelled()
-    finally:
-        type(layer).forward = original
-        release.set()
-        engine.close()
 
 
 def test_back_pressure_and_closing_drain():
     model = _model()
     release = threading.Event()
-    layer = model.bert.encoder.layer[0]
-    original = type(layer).forward
-
-    def held(self, *args, **kwargs):
-        release.wait(timeout=30)
-        return original(self, *args, **kwargs)
-
-    engine = Engine(model, max_batch=2, max_in_flight=2)
-    try:
-        type(layer).forward = held
-        accepted = [engine.submit([5, 6], speed=0.0), engine.submit([7, 8], speed=0.0)]
-        with pytest.raises(EngineFullError):
-            engine.submit([9], speed=0.0, block=False)
-        with pytest.raises(EngineFullError):
-            engine.submit([9], speed=0.0, wait=0.05)
-        release.set()
-        type(layer).forward = original
-        engine.close()  # drains: every accepted request is answered
-        assert all(f.result(timeout=0).exit_layer == 4 for f in accepted)
-        with pytest.raises(EngineClosedError):
-            engine.submit([5], speed=0.0)
-    finally:
-        type(layer).forward = original
-        release.set()
-        engine.close()
+    with _layers_wait_for(model, release):
+        engine = Engine(model, max_batch=2, max_in_flight=2)
+        try:
+            accepted = [engine.submit([5, 6], speed=0.0), engine.submit([7, 8], speed=0.0)]
+            with pytest.raises(EngineFullError):
+                engine.submit([9], speed=0.0, block=False)
+            with pytest.raises(EngineFullError):
+                engine.submit([9], speed=0.0, wait=0.05)
+            release.set()
+            engine.close()  # drains: every accepted request is answered
+            assert all(f.result(timeout=0).exit_layer == 4 for f in accepted)
+            with pytest.raises(EngineClosedError):
+                engine.submit([5], speed=0.0)
+        finally:
+            release.set()
+            engine.close()
 
 
 def test_asyncio_and_blocking_conveniences():
@@ -239,23 +238,12 @@ def test_batches_fill_under_load(_seed):
     model = _model()
     requests = _requests(64, _seed)
     gate = threading.Event()
-    layer = model.bert.encoder.layer[0]
-    original = type(layer).forward
-
-    def gated(self, *args, **kwargs):
-        gate.wait(timeout=30)
-        return original(self, *args, **kwargs)
-
-    try:
-        type(layer).forward = gated  # the load arrives while the first call runs
-        with Engine(model, max_batch=8) as engine:
-            futures = [engine.submit(r, speed=0.0) for r in requests]
-            gate.set()
-            for f in futures:
-                f.result(timeout=120)
-    finally:
-        type(layer).forward = original
+    # The load arrives while the first call runs.
+    with Engine(model, max_batch=8) as engine, _layers_wait_for(model, gate):
+        futures = [engine.submit(r, speed=0.0) for r in requests]
         gate.set()
+        for f in futures:
+            f.result(timeout=120)
     # Speed 0: nobody leaves early; with the queue full, layer calls run (nearly) full.
     assert engine.stats.mean_fill(8) > 0.8
     assert sum(engine.stats.layer_rows) == 64 * 4

@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from . import backends
+from . import backends, torch_kernels
 from .backends import BACKENDS, ENV_VAR, BackendUnavailableError, report, select_backend
 from .library import op
 from .sync_counter import host_read
@@ -144,10 +144,8 @@ def compact_unchecked(
     count, length, fewest = host_read(stats)
     if count == n and length == s:
         return Compacted(hidden, mask, rows, padded=fewest < length, changed=False)
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        from .torch_kernels import compact_gather  # differentiable: index_select and slicing
-
-        gathered = compact_gather(hidden, mask, rows, index, count, length)
+    if torch.is_grad_enabled() and hidden.requires_grad:  # differentiable: index_select and slicing
+        gathered = torch_kernels.compact_gather(hidden, mask, rows, index, count, length)
     else:
         gathered = _COMPACT_GATHER(hidden, mask, rows, index, count, length)
     return Compacted(*gathered, padded=fewest < length, changed=True)

@@ -63,11 +63,15 @@ def _triton_kernel(name: str) -> Callable:
     return call
 
 
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _triton_available() -> tuple[bool, str]:
     # Without importing triton (seconds): choosing a backend at import must not pay for it.
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed; pip install triton"
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if _triton_interpreted():
         return True, "Triton interpreter (TRITON_INTERPRET=1; CPU tensors too, slow)"
     if not torch.cuda.is_available():
         return False, "no CUDA device (TRITON_INTERPRET=1 runs the kernels in Triton's interpreter on CPU)"
@@ -75,8 +79,7 @@ def _triton_available() -> tuple[bool, str]:
 
 
 def _triton_devices() -> frozenset[str]:
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return frozenset({"cuda", "cpu"}) if interpreted else frozenset({"cuda"})
+    return frozenset({"cuda", "cpu"}) if _triton_interpreted() else frozenset({"cuda"})
 
 
 def _extension_devices() -> frozenset[str]:

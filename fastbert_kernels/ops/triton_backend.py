@@ -32,20 +32,6 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def devices() -> frozenset[str]:
-    return frozenset({"cuda", "cpu"}) if interpreted() else frozenset({"cuda"})
-
-
-def available() -> tuple[bool, str]:
-    if IMPORT_ERROR is not None:
-        return False, IMPORT_ERROR
-    if interpreted():
-        return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1; CPU tensors too, slow)"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device (TRITON_INTERPRET=1 runs the kernels in Triton's interpreter on CPU)"
-    return True, f"Triton {triton.__version__} on CUDA"
-
-
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(max(1, n)))
 

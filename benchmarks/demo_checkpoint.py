@@ -1,0 +1,24 @@
+"""The checkpoint the serving and batch-1 benchmarks run: a given one, or the demo's distilled
+MiniLM on Rotten Tomatoes from its cache (``make demo`` writes it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+import fastbert_kernels as fbk
+
+DEMO_CACHE = Path(".cache/fastbert_demo")
+
+
+def load_checkpoint(path: str | None):
+    """``(model, tokenizer, checkpoint)``, or None when no path is given and the demo has not run."""
+    if path is not None:
+        checkpoint = Path(path)
+    else:
+        found = sorted(DEMO_CACHE.glob("rotten_tomatoes-*/fastbert"))
+        if not found:
+            return None
+        checkpoint = found[-1]
+    return fbk.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(str(checkpoint)), checkpoint

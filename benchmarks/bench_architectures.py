@@ -53,7 +53,7 @@ def row(kind: str, batch_size: int, repeats: int) -> dict:
     unpatched = median_ms(lambda: model(**batch), repeats)
     fbk.patch(model)
     spread_branches(model)
-    u = exit_profile(model, [batch]).uncertainty[:, 0]
+    u = exit_profile(model, [batch]).uncertainty()[:, 0]
     speed = float(u.median()) + 1e-6
     patched = median_ms(lambda: model(**batch, speed=speed), repeats)
     exits = model(**batch, speed=speed).exit_layer.float()

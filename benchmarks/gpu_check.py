@@ -176,7 +176,7 @@ def time_end_to_end(device: torch.device, quick: bool, repeats: int) -> list[dic
             spread_students(model)
             profile = exit_profile(model, batches)
             # A speed at which about half of the rows leave after layer 1 and the rest spread later.
-            speed = float(profile.uncertainty[:, 0].median()) + 1e-6
+            speed = float(profile.uncertainty()[:, 0].median()) + 1e-6
             for label, s in (("speed 0", 0.0), ("half exit at layer 1", speed)):
                 timing = measure(functools.partial(forward_all, model, batches, s), device, repeats)
                 exits = torch.cat([model(**x, speed=s).exit_layer.cpu() for x in batches]).float()
@@ -221,7 +221,7 @@ def time_engine(device: torch.device, quick: bool) -> dict:
     unpatched_s = time.perf_counter() - begin
     fbk.patch(model)
     spread_students(model)
-    speed = float(exit_profile(model, batches[:1]).uncertainty[:, 0].median()) + 1e-6
+    speed = float(exit_profile(model, batches[:1]).uncertainty()[:, 0].median()) + 1e-6
     forward_all(model, batches[:1], speed)  # warm-up
     begin = time.perf_counter()
     forward_all(model, batches, speed)

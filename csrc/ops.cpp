@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "fastbert/exit_rule.h"
 #include "fastbert/kernels.h"
 
 namespace fastbert {
@@ -43,8 +44,10 @@ static PyObject* build_info(PyObject*, PyObject*) {
   const char* cuda_archs = "";
 #endif
   // folded_weights: the order the kernels unpack `weights` in (checked against Python by a test).
-  return Py_BuildValue("{s:O,s:O,s:s,s:s}", "openmp", openmp ? Py_True : Py_False, "cuda", cuda ? Py_True : Py_False,
-                       "cuda_archs", cuda_archs, "folded_weights", fastbert::kFoldedWeightNames);
+  // exit_criteria: the criterion names the kernels accept, in FASTBERT_EXIT_CRITERIA's order.
+  return Py_BuildValue("{s:O,s:O,s:s,s:s,s:s}", "openmp", openmp ? Py_True : Py_False, "cuda",
+                       cuda ? Py_True : Py_False, "cuda_archs", cuda_archs, "folded_weights",
+                       fastbert::kFoldedWeightNames, "exit_criteria", fastbert::kExitCriterionNames);
 }
 
 static PyMethodDef methods[] = {{"build_info", build_info, METH_NOARGS, "What this build contains."},

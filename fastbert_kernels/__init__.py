@@ -3,7 +3,8 @@
     import fastbert_kernels as fbk
     model = fbk.patch(AutoModelForSequenceClassification.from_pretrained(path))
     fbk.distill(model, unlabelled_texts, tokenizer)
-    out = model(**batch, speed=0.5)          # out.logits [B, C], out.exit_layer [B], out.uncertainty [B]
+    fbk.calibrate(model, fbk.exit_profile(model, validation_batches), labels, max_accuracy_drop=0.01)
+    out = model(**batch)                     # out.logits [B, C], out.exit_layer [B], out.uncertainty [B]
     model.save_pretrained(d); model = fbk.from_pretrained(d)
 
 Importing never fails for a missing compiled build: the ops fall back to plain torch, and
@@ -15,6 +16,7 @@ from __future__ import annotations
 from . import ops
 from .architectures import ARCHITECTURES
 from .branch import BranchClassifier
+from .calibration import Calibration, ExitProfile, ExitSetting, calibrate, choose_speed, exit_profile
 from .config import FastBertConfig
 from .corpus import classify_corpus
 from .modeling import FastBertOutput, fastbert_config, is_patched, patch, students, unpatch
@@ -28,16 +30,22 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCHITECTURES",
     "BranchClassifier",
+    "Calibration",
     "Engine",
     "EngineResult",
+    "ExitProfile",
+    "ExitSetting",
     "FastBertConfig",
     "FastBertOutput",
     "FastBertTextClassificationPipeline",
     "TrainHistory",
     "TrainingOptions",
     "__version__",
+    "calibrate",
+    "choose_speed",
     "classify_corpus",
     "distill",
+    "exit_profile",
     "fastbert_config",
     "fine_tune",
     "from_pretrained",

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops.reference import branch_logits, normalized_entropy
-from .ops.types import BranchWeights, FoldedWeights
+from .ops.reference import branch_logits, uncertainty, update_streak
+from .ops.types import BranchWeights, ExitHeadOutput, FoldedWeights
 
 
 class BranchClassifier(nn.Module):
@@ -67,18 +67,37 @@ class BranchClassifier(nn.Module):
         return entry[1]
 
     def exit_decision(
-        self, hidden: torch.Tensor, mask: torch.Tensor, speed: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logits ``[N, C]``, normalised entropy ``u [N]`` and exits ``u < speed`` for one layer's rows.
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        speed: float,
+        criterion: str = "entropy",
+        temperature: float = 1.0,
+        patience: int = 1,
+        streak: torch.Tensor | None = None,
+    ) -> ExitHeadOutput:
+        """logits ``[N, C]``, the criterion's uncertainty ``[N]``, exits ``[N]`` and the patience
+        state ``[N, 2]`` for one layer's rows (see :func:`fastbert_kernels.ops.exit_head`).
 
         The fused op when no gradient is wanted; this module's differentiable forward when one is
         (an attribution method on an eval-mode model), so gradients are never silently cut."""
         if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters())):
             logits = self(hidden, mask)
-            uncertainty = normalized_entropy(logits)
-            return logits, uncertainty, uncertainty < speed
+            u = uncertainty(logits, criterion, temperature)
+            exits, new_streak = update_streak(logits.argmax(dim=-1), u, speed, patience, streak)
+            return ExitHeadOutput(logits, u, exits, new_streak)
         # The adaptive forward's inputs are valid by construction: the op without Python checks.
-        return ops.exit_head_unchecked(hidden, mask, self.folded_weights(hidden.dtype), self.num_heads, speed)
+        return ops.exit_head_unchecked(
+            hidden,
+            mask,
+            self.folded_weights(hidden.dtype),
+            self.num_heads,
+            speed,
+            criterion,
+            temperature,
+            patience,
+            streak,
+        )
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return branch_logits(hidden, mask, self.weights(), self.num_heads)

@@ -1,13 +1,16 @@
-"""Speed calibration: what every exit threshold would do on a validation set, from one pass.
+"""Calibration: what every exit rule would do on a validation set, from one pass.
 
-:func:`exit_profile` runs every classifier on every sample once; since each sample's exit depends
-on its own uncertainties only, the exits, accuracy and ideal speed-up at any speed then follow
-exactly (:class:`ExitProfile`), and :func:`choose_speed` picks the speed for a target.
+:func:`exit_profile` runs every classifier on every sample once and keeps their logits. Each
+sample's exit depends on its own logits only, so the exit layer, accuracy and ideal speed-up of any
+exit rule (criterion, temperature, patience, speed) follow exactly (:class:`ExitProfile`), without
+running the model again. :func:`calibrate` sweeps them and picks the rule for a target;
+:func:`choose_speed` picks only the speed for a fixed rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -16,56 +19,134 @@ from . import flops
 from .architectures import architecture_for
 from .encoder import all_layer_states, embed
 from .modeling import teacher_logits
-from .ops.reference import normalized_entropy
+from .ops.reference import uncertainty as criterion_uncertainty
+from .ops.reference import update_streak
+from .ops.types import EXIT_CRITERIA, check_exit_rule
 from .state import fastbert_config, students
 
 Batch = dict[str, torch.Tensor]
 
+# Speeds every sweep tries: a uniform grid, to which the sweep adds quantiles of the students'
+# uncertainties (many-class criteria crowd into a narrow band that a grid alone would step over).
+SPEED_GRID = tuple(i / 200 for i in range(201))
+SPEED_QUANTILES = 100
+# Temperatures and patiences that :func:`calibrate` tries by default.
+DEFAULT_TEMPERATURES = (1.0, 0.5, 0.25)
+DEFAULT_PATIENCES = (1, 2, 3)
+
 
 @dataclasses.dataclass
 class ExitProfile:
-    """Every classifier's prediction and uncertainty for every sample, from one full pass:
-    ``uncertainty [N, L]`` and ``prediction [N, L]`` (column L-1 is the teacher), ``lengths [N]``
-    real tokens, ``padded [N]`` the padded length of the batch each sample ran in.
+    """Every classifier's logits for every sample, from one full pass: ``logits [N, L, C]`` float32
+    (column L-1 is the teacher), ``lengths [N]`` real tokens, ``padded [N]`` the padded length of
+    the batch each sample ran in.
 
-    Because exits are decided per sample, the exit layer at any speed follows exactly:
-    the first layer whose student has ``u < speed``, else L (see :meth:`exit_layers`).
-    """
+    Because exits are decided per sample, the exit layer under any rule follows exactly: the first
+    student at which the sample has been confident (uncertainty < speed) and in agreement for
+    ``patience`` students in a row, else L (:meth:`exit_layers`)."""
 
-    uncertainty: torch.Tensor
-    prediction: torch.Tensor
+    logits: torch.Tensor
     lengths: torch.Tensor
     padded: torch.Tensor
 
-    def exit_layers(self, speed: float) -> torch.Tensor:
-        num_layers = self.prediction.shape[1]
-        below = self.uncertainty[:, :-1] < speed
-        first = torch.where(
-            below.any(1), below.float().argmax(1) + 1, torch.full_like(below[:, 0], num_layers, dtype=torch.int64)
-        )
-        return first.long()
+    def __post_init__(self) -> None:
+        self._uncertainty: dict[tuple[str, float], torch.Tensor] = {}
 
-    def predictions(self, speed: float) -> torch.Tensor:
-        layer = self.exit_layers(speed)
+    @property
+    def num_layers(self) -> int:
+        return self.logits.shape[1]
+
+    @functools.cached_property
+    def prediction(self) -> torch.Tensor:
+        """``[N, L]`` every classifier's argmax."""
+        return self.logits.argmax(-1)
+
+    def uncertainty(self, criterion: str = "entropy", temperature: float = 1.0) -> torch.Tensor:
+        """``[N, L]`` every classifier's uncertainty under ``criterion`` at ``temperature``."""
+        key = (criterion, float(temperature))
+        if key not in self._uncertainty:
+            n, layers, c = self.logits.shape
+            flat = criterion_uncertainty(self.logits.reshape(n * layers, c), criterion, temperature)
+            self._uncertainty[key] = flat.view(n, layers)
+        return self._uncertainty[key]
+
+    def exit_layers(
+        self, speed: float, criterion: str = "entropy", temperature: float = 1.0, patience: int = 1
+    ) -> torch.Tensor:
+        """``[N]`` int64, the 1-based layer each sample leaves after under this rule (L: the teacher)."""
+        u = self.uncertainty(criterion, temperature)
+        layer = torch.full((u.shape[0],), self.num_layers, dtype=torch.int64)
+        if patience == 1:  # the first confident student: no state to carry
+            below = u[:, :-1] < speed
+            return torch.where(below.any(1), below.float().argmax(1) + 1, layer)
+        streak = None
+        for i in range(self.num_layers - 1):
+            exits, streak = update_streak(self.prediction[:, i], u[:, i], speed, patience, streak)
+            layer = torch.where(exits & (layer == self.num_layers), i + 1, layer)
+        return layer
+
+    def predictions(
+        self, speed: float, criterion: str = "entropy", temperature: float = 1.0, patience: int = 1
+    ) -> torch.Tensor:
+        """``[N]`` the class each sample is answered with under this rule."""
+        layer = self.exit_layers(speed, criterion, temperature, patience)
         return self.prediction.gather(1, (layer - 1)[:, None]).squeeze(1)
 
 
 @torch.no_grad()
-def exit_profile(model, batches: list[Batch], temperature: float = 1.0) -> ExitProfile:
-    """One full pass with every branch evaluated (reference math). ``temperature`` divides the
-    students' logits before the entropy, to measure what sharpening does with many classes."""
+def exit_profile(model, batches: list[Batch]) -> ExitProfile:
+    """One full pass with every branch evaluated (reference math), keeping every logit."""
     arch = architecture_for(model)
-    us, preds, lengths, padded = [], [], [], []
+    logits, lengths, padded = [], [], []
     for b in batches:
         inputs = embed(model, arch, b["input_ids"], b.get("attention_mask"), b.get("token_type_ids"))
         states = all_layer_states(model, arch, inputs)
-        logits = [s(states[i], inputs.mask).float() / temperature for i, s in enumerate(students(model))]
-        logits.append(teacher_logits(model, arch, states[-1], inputs.mask).float())
-        us.append(torch.stack([normalized_entropy(x) for x in logits], 1).cpu())
-        preds.append(torch.stack([x.argmax(-1) for x in logits], 1).cpu())
+        layer_logits = [s(states[i], inputs.mask).float() for i, s in enumerate(students(model))]
+        layer_logits.append(teacher_logits(model, arch, states[-1], inputs.mask).float())
+        logits.append(torch.stack(layer_logits, 1).cpu())
         lengths.append(inputs.mask.sum(1).cpu())
         padded.append(torch.full((inputs.mask.shape[0],), inputs.mask.shape[1]))
-    return ExitProfile(torch.cat(us), torch.cat(preds), torch.cat(lengths), torch.cat(padded))
+    return ExitProfile(torch.cat(logits), torch.cat(lengths), torch.cat(padded))
+
+
+class FlopsTable:
+    """The FLOPs of every sample of a profile at every exit layer, so that the ideal speed-up of
+    an exit rule is one gather: full ``[N]``, adaptive ``[L, N]``."""
+
+    def __init__(self, model, seq_lengths: torch.Tensor, with_branches: bool = True, fused: bool = False) -> None:
+        c = model.config
+        settings = fastbert_config(model)
+        seqs = seq_lengths.tolist()
+        self.full = torch.tensor(
+            [flops.model_flops(c.num_hidden_layers, c.hidden_size, c.intermediate_size, s, c.num_labels) for s in seqs],
+            dtype=torch.float64,
+        )
+        self.adaptive = torch.tensor(
+            [
+                [
+                    flops.adaptive_flops(
+                        layer,
+                        c.num_hidden_layers,
+                        c.hidden_size,
+                        c.intermediate_size,
+                        s,
+                        c.num_labels,
+                        settings.branch_size,
+                        with_branches,
+                        fused,
+                        settings.branch_heads,
+                    )
+                    for s in seqs
+                ]
+                for layer in range(1, c.num_hidden_layers + 1)
+            ],
+            dtype=torch.float64,
+        )
+
+    def speedup(self, exit_layers: torch.Tensor) -> float:
+        """Full FLOPs / adaptive FLOPs when the samples leave after ``exit_layers [N]`` (1-based)."""
+        spent = self.adaptive.gather(0, (exit_layers - 1)[None, :]).sum()
+        return float(self.full.sum() / spent)
 
 
 def flops_speedup(
@@ -74,24 +155,158 @@ def flops_speedup(
     """Full model FLOPs / adaptive FLOPs, each sample at ``seq_lengths`` tokens; branches counted as
     the paper does, or (``fused``) as the fused kernel runs them; ``with_branches=False`` for speed
     0, where no branch runs."""
-    c = model.config
-    settings = fastbert_config(model)
-    full = adapt = 0.0
-    for layer, seq in zip(exit_layers.tolist(), seq_lengths.tolist(), strict=True):
-        full += flops.model_flops(c.num_hidden_layers, c.hidden_size, c.intermediate_size, seq, c.num_labels)
-        adapt += flops.adaptive_flops(
-            layer,
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.intermediate_size,
-            seq,
-            c.num_labels,
-            settings.branch_size,
-            with_branches,
-            fused,
-            settings.branch_heads,
-        )
-    return full / adapt
+    return FlopsTable(model, seq_lengths, with_branches, fused).speedup(exit_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitSetting:
+    """One exit rule and what it does on the calibration data: accuracy and ideal speed-up (the
+    layers and branches each sample runs, FLOPs at its real length, against the full model)."""
+
+    criterion: str
+    temperature: float
+    patience: int
+    speed: float
+    accuracy: float
+    speedup: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def sweep(
+    profile: ExitProfile,
+    labels: torch.Tensor,
+    model,
+    criterion: str = "entropy",
+    temperature: float = 1.0,
+    patience: int = 1,
+    speeds: Sequence[float] | None = None,
+    table: FlopsTable | None = None,
+) -> list[ExitSetting]:
+    """Accuracy and ideal speed-up of one rule at every speed (default: :data:`SPEED_GRID` plus
+    quantiles of the students' uncertainties), sorted by speed."""
+    check_exit_rule(criterion, temperature, patience)
+    labels = labels.cpu()
+    table = table or FlopsTable(model, profile.lengths)
+    if speeds is None:
+        u = profile.uncertainty(criterion, temperature)[:, :-1].flatten()
+        quantiles = torch.quantile(u, torch.linspace(0, 1, SPEED_QUANTILES)).tolist() if u.numel() else []
+        speeds = set(SPEED_GRID) | {round(q, 6) for q in quantiles}
+    rows = []
+    for speed in sorted(speeds):
+        layers = profile.exit_layers(speed, criterion, temperature, patience)
+        predicted = profile.prediction.gather(1, (layers - 1)[:, None]).squeeze(1)
+        accuracy = float((predicted == labels).float().mean())
+        rows.append(ExitSetting(criterion, float(temperature), patience, float(speed), accuracy, table.speedup(layers)))
+    return rows
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What :func:`calibrate` found: the ``chosen`` rule, the teacher's accuracy on the same data,
+    every rule's sweep (``curves``, keyed by ``(criterion, temperature, patience)``) and, per
+    criterion, its best setting for the same target (``best``)."""
+
+    chosen: ExitSetting
+    teacher_accuracy: float
+    best: dict[str, ExitSetting | None]
+    curves: dict[tuple[str, float, int], list[ExitSetting]]
+
+    def apply(self, model) -> None:
+        """Writes the chosen rule and speed into the model's FastBERT config (saved with it)."""
+        config = fastbert_config(model)
+        config.exit_criterion = self.chosen.criterion
+        config.exit_temperature = self.chosen.temperature
+        config.exit_patience = self.chosen.patience
+        config.default_speed = self.chosen.speed
+
+    def table(self) -> str:
+        """The best setting per criterion, as a Markdown table."""
+        lines = [
+            "| criterion | temperature | patience | speed | accuracy | ideal speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for criterion, best in self.best.items():
+            if best is None:
+                lines.append(f"| {criterion} | - | - | - | no setting meets the target | - |")
+            else:
+                mark = " (chosen)" if best == self.chosen else ""
+                lines.append(
+                    f"| {criterion}{mark} | {best.temperature:g} | {best.patience} | {best.speed:.4f} | "
+                    f"{100 * best.accuracy:.2f}% | {best.speedup:.2f}x |"
+                )
+        return "\n".join(lines)
+
+
+def _best(
+    settings: list[ExitSetting], teacher_accuracy: float, max_accuracy_drop: float | None, min_speedup: float | None
+) -> ExitSetting | None:
+    if max_accuracy_drop is not None:
+        ok = [s for s in settings if s.accuracy >= teacher_accuracy - max_accuracy_drop]
+        # The fastest; among equals the most accurate, then the lowest speed (the safest margin).
+        return max(ok, key=lambda s: (round(s.speedup, 9), s.accuracy, -s.speed), default=None)
+    ok = [s for s in settings if s.speedup >= min_speedup]
+    return max(ok, key=lambda s: (s.accuracy, round(s.speedup, 9), -s.speed), default=None)
+
+
+def _check_target(max_accuracy_drop: float | None, min_speedup: float | None) -> None:
+    if (max_accuracy_drop is None) == (min_speedup is None):
+        raise ValueError("give exactly one of max_accuracy_drop or min_speedup")
+    if max_accuracy_drop is not None and max_accuracy_drop < 0:
+        raise ValueError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
+    if min_speedup is not None and min_speedup <= 0:
+        raise ValueError(f"min_speedup must be positive, got {min_speedup}")
+
+
+def calibrate(
+    model,
+    profile: ExitProfile,
+    labels: torch.Tensor,
+    *,
+    max_accuracy_drop: float | None = None,
+    min_speedup: float | None = None,
+    criteria: Sequence[str] = EXIT_CRITERIA,
+    temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
+    patiences: Sequence[int] = DEFAULT_PATIENCES,
+    apply: bool = True,
+) -> Calibration:
+    """Chooses the exit rule (criterion, temperature, patience) and the speed on validation data.
+
+    Targets (exactly one):
+      * ``max_accuracy_drop=d``: the largest ideal speed-up whose accuracy is at least the
+        teacher's minus d;
+      * ``min_speedup=s``: the highest accuracy whose ideal speed-up is at least s.
+    Every combination of ``criteria`` x ``temperatures`` x ``patiences`` is swept over speeds
+    from the one profile. With ``apply`` the choice is written into the model's config
+    (:meth:`Calibration.apply`), so that ``model(**batch)`` and ``save_pretrained`` use it.
+    Raises ``ValueError`` when no setting meets the target.
+    """
+    _check_target(max_accuracy_drop, min_speedup)
+    if len(labels) != profile.logits.shape[0]:
+        raise ValueError(f"{len(labels)} labels for a profile of {profile.logits.shape[0]} samples")
+    labels = labels.cpu()
+    teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean())
+    table = FlopsTable(model, profile.lengths)
+    curves: dict[tuple[str, float, int], list[ExitSetting]] = {}
+    best: dict[str, ExitSetting | None] = {}
+    for criterion in criteria:
+        settings = []
+        for temperature in temperatures:
+            for patience in patiences:
+                curve = sweep(profile, labels, model, criterion, temperature, patience, table=table)
+                curves[(criterion, float(temperature), patience)] = curve
+                settings += curve
+        best[criterion] = _best(settings, teacher_accuracy, max_accuracy_drop, min_speedup)
+    found = [s for s in best.values() if s is not None]
+    if not found:
+        fastest = max(s.speedup for curve in curves.values() for s in curve)
+        raise ValueError(f"no exit rule reaches the target on this data (the fastest gives {fastest:.2f}x)")
+    chosen = _best(found, teacher_accuracy, max_accuracy_drop, min_speedup)
+    result = Calibration(chosen, teacher_accuracy, best, curves)
+    if apply:
+        result.apply(model)
+    return result
 
 
 def choose_speed(
@@ -101,30 +316,30 @@ def choose_speed(
     max_accuracy_drop: float | None = None,
     min_speedup: float | None = None,
     speeds: Sequence[float] | None = None,
+    criterion: str = "entropy",
+    temperature: float = 1.0,
+    patience: int = 1,
 ) -> tuple[float, dict[str, float]]:
-    """Picks ``speed`` on a validation set, from its :class:`ExitProfile`:
+    """Picks only ``speed`` for a fixed exit rule, on a validation set, from its :class:`ExitProfile`:
 
     * ``max_accuracy_drop=d``: the largest speed whose accuracy is at least teacher accuracy - d;
     * ``min_speedup=s``: the smallest speed whose ideal speed-up (layer and branch work, FLOPs at the
       real lengths) reaches s.
     Returns the speed and its accuracy / speed-up. Raises if no speed meets the target.
     """
-    if (max_accuracy_drop is None) == (min_speedup is None):
-        raise ValueError("give exactly one of max_accuracy_drop or min_speedup")
-    speeds = sorted(speeds if speeds is not None else [i / 200 for i in range(201)])
+    _check_target(max_accuracy_drop, min_speedup)
     labels = labels.cpu()
     teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean())
-    table = []
-    for speed in speeds:
-        accuracy = float((profile.predictions(speed) == labels).float().mean())
-        table.append((speed, accuracy, flops_speedup(model, profile.exit_layers(speed), profile.lengths)))
+    table = sweep(profile, labels, model, criterion, temperature, patience, speeds or SPEED_GRID)
     if max_accuracy_drop is not None:
-        ok = [row for row in table if row[1] >= teacher_accuracy - max_accuracy_drop]
-        chosen = max(ok, key=lambda row: row[0])
-    else:
-        ok = [row for row in table if row[2] >= min_speedup]
+        ok = [row for row in table if row.accuracy >= teacher_accuracy - max_accuracy_drop]
         if not ok:
-            best = max(row[2] for row in table)
+            raise ValueError(f"no speed keeps accuracy within {max_accuracy_drop} of the teacher (include speed 0)")
+        chosen = max(ok, key=lambda row: row.speed)
+    else:
+        ok = [row for row in table if row.speedup >= min_speedup]
+        if not ok:
+            best = max(row.speedup for row in table)
             raise ValueError(f"no speed reaches a {min_speedup}x speed-up on this data (best {best:.2f}x)")
-        chosen = min(ok, key=lambda row: row[0])
-    return chosen[0], {"accuracy": chosen[1], "speedup": chosen[2], "teacher_accuracy": teacher_accuracy}
+        chosen = min(ok, key=lambda row: row.speed)
+    return chosen.speed, {"accuracy": chosen.accuracy, "speedup": chosen.speedup, "teacher_accuracy": teacher_accuracy}

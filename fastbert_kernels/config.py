@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from .ops.types import check_exit_rule
+
 TeacherKind = Literal["model", "branch"]
 
 CONFIG_FILE = "fastbert_config.json"
@@ -47,6 +49,15 @@ class FastBertConfig:
             after the last layer too and uses it as the teacher.
         default_speed: speed used when a call passes none.
         trim_sequence: after each compaction, cut the sequence axis to the longest survivor.
+        exit_criterion: how a classifier's logits become the uncertainty compared with the speed,
+            one of :data:`fastbert_kernels.ops.EXIT_CRITERIA`: ``"entropy"`` (the paper's
+            normalised entropy), ``"max_prob"`` (1 - p_top1) or ``"margin"`` (1 - (p_top1 - p_top2)).
+        exit_temperature: the exit decision reads ``softmax(logits / T)``; the answers' logits are
+            never divided. Below 1 it sharpens many-class students whose entropy stays near 1.
+        exit_patience: a sample leaves after the k-th student in a row that was confident
+            (uncertainty below the speed) and agreed with the previous ones on the class; 1 is the
+            paper's rule, and with speed 1 every student counts as confident (PABEE's rule).
+    :func:`fastbert_kernels.calibrate` chooses the last three and the speed on validation data.
     """
 
     branch_size: int = 128
@@ -54,6 +65,9 @@ class FastBertConfig:
     teacher: TeacherKind = "model"
     default_speed: float = 0.0
     trim_sequence: bool = True
+    exit_criterion: str = "entropy"
+    exit_temperature: float = 1.0
+    exit_patience: int = 1
 
     def __post_init__(self) -> None:
         if self.teacher not in ("model", "branch"):
@@ -63,6 +77,15 @@ class FastBertConfig:
                 f"branch_size ({self.branch_size}) must be a positive multiple of branch_heads ({self.branch_heads})"
             )
         self.default_speed = check_speed(self.default_speed)
+        check_exit_rule(self.exit_criterion, self.exit_temperature, self.exit_patience)
+        self.exit_temperature = float(self.exit_temperature)
+
+    @property
+    def exit_rule(self) -> tuple[str, float, int]:
+        """``(criterion, temperature, patience)``, as the exit op takes them; checked again here,
+        since a config's fields may be set after it was made."""
+        check_exit_rule(self.exit_criterion, self.exit_temperature, self.exit_patience)
+        return self.exit_criterion, float(self.exit_temperature), self.exit_patience
 
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}

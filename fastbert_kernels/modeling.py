@@ -26,7 +26,7 @@ from .branch import BranchClassifier
 from .checkpoint import save_pretrained_with_branches
 from .config import FastBertConfig, check_speed
 from .encoder import EncoderInputs, embed, layer_context, model_device, run_layers
-from .ops.reference import normalized_entropy
+from .ops.reference import uncertainty, update_streak
 from .ops.sync_counter import host_read
 from .state import BRANCHES_ATTR, CONFIG_ATTR, branch_modules, fastbert_config, is_patched, students
 
@@ -55,7 +55,8 @@ class FastBertOutput(ModelOutput):
         loss: cross-entropy of ``logits`` against ``labels`` when labels were given.
         logits: ``[B, C]`` float32, in input order: the exiting student's or the teacher's.
         exit_layer: ``[B]`` int64, 1-based layer after which the sample left; L means the teacher.
-        uncertainty: ``[B]`` float32, normalised entropy of the answering classifier.
+        uncertainty: ``[B]`` float32, the answering classifier's uncertainty as the exit rule
+            measures it (``fastbert_config.exit_criterion`` of its logits / ``exit_temperature``).
     """
 
     loss: torch.Tensor | None = None
@@ -116,7 +117,7 @@ def adaptive_forward(
     layers = arch.layers(self)
     inputs = embed(self, arch, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
     if speed == 0.0:
-        out_logits, out_layer, out_uncertainty = _full_depth(self, arch, layers, inputs)
+        out_logits, out_layer, out_uncertainty = _full_depth(self, arch, layers, inputs, config)
     else:
         out_logits, out_layer, out_uncertainty = _adaptive(self, arch, layers, inputs, speed, per_row)
     loss = None if labels is None else classification_loss(out_logits, labels, num_items_in_batch)
@@ -150,14 +151,15 @@ def classification_loss(
     return loss
 
 
-def _full_depth(model, arch: Architecture, layers, inputs: EncoderInputs):
+def _full_depth(model, arch: Architecture, layers, inputs: EncoderInputs, config: FastBertConfig):
     """Speed 0: exactly the unpatched computation (no branch, no compaction, no bookkeeping)."""
     hidden, mask = inputs.hidden, inputs.mask
     context = layer_context(model, arch, hidden, mask, inputs.padded)
     hidden = run_layers(model, arch, layers, hidden, context)
     logits = teacher_logits(model, arch, hidden, mask)
     exit_layer = torch.full((hidden.shape[0],), len(layers), dtype=torch.int64, device=hidden.device)
-    return logits.to(torch.float32), exit_layer, normalized_entropy(logits)
+    criterion, temperature, _ = config.exit_rule
+    return logits.to(torch.float32), exit_layer, uncertainty(logits, criterion, temperature)
 
 
 def check_row_speeds(speed: torch.Tensor, inputs: torch.Tensor | None, model: nn.Module) -> tuple[torch.Tensor, float]:
@@ -183,13 +185,15 @@ def _adaptive(
     model, arch: Architecture, layers, inputs: EncoderInputs, speed: float, per_row: torch.Tensor | None = None
 ):
     """Layers with exits; returns logits ``[B, C]``, exit layer ``[B]`` and uncertainty ``[B]``.
-    With ``per_row`` ``[B]``, row r exits when its uncertainty is below ``per_row[r]`` (looked up
-    through the original-row map, so compaction needs nothing more).
+    With ``per_row`` ``[B]``, row r is confident when its uncertainty is below ``per_row[r]``
+    (looked up through the original-row map). With patience > 1 each row's streak state is
+    compacted with it.
 
     Host syncs: one per forward (the input check) and one per layer that runs a branch (inside
     compaction, for the survivors' count, length and padding); the mask is rebuilt from what
     compaction reports, without transformers' own padding check."""
     config = fastbert_config(model)
+    criterion, temperature, patience = config.exit_rule
     hidden, mask = inputs.hidden, inputs.mask
     num_layers, batch, device = len(layers), hidden.shape[0], hidden.device
     num_labels = model.config.num_labels
@@ -204,19 +208,24 @@ def _adaptive(
     # graph cannot branch on it and runs the remaining layers on an empty batch instead.
     eager = not torch.compiler.is_compiling()
     context = layer_context(model, arch, hidden, mask, inputs.padded)
+    streak = None  # the rows' patience state, from the second student on (patience > 1 only)
     for index, layer in enumerate(layers):
         hidden = arch.run(model, index, layer, hidden, context)
         if index == num_layers - 1:
             break
-        logits, uncertainty, exits = student_branches[index].exit_decision(hidden, mask, speed)
+        logits, row_uncertainty, exits, new_streak = student_branches[index].exit_decision(
+            hidden, mask, speed, criterion, temperature, patience, streak
+        )
         if per_row is not None:
-            exits = uncertainty < per_row[rows]
+            exits, new_streak = update_streak(logits.argmax(dim=-1), row_uncertainty, per_row[rows], patience, streak)
         kept = ops.compact_unchecked(hidden, mask, rows, ~exits, config.trim_sequence)
+        if patience > 1:
+            streak = kept.carry(new_streak)
         # The compaction's host read says whether anyone left: only then are answers written (at
         # batch 1 and low speeds most layers have no exit, and skip these small ops entirely).
         if kept.rows.shape[0] < rows.shape[0] or not eager:
-            layer_column = torch.full_like(uncertainty[:, None], index + 1)
-            found = torch.cat([logits, uncertainty[:, None], layer_column], dim=1)
+            layer_column = torch.full_like(row_uncertainty[:, None], index + 1)
+            found = torch.cat([logits, row_uncertainty[:, None], layer_column], dim=1)
             answers[rows] = torch.where(exits[:, None], found, answers[rows])
         hidden, mask, rows = kept.hidden, kept.mask, kept.rows
         if eager and rows.shape[0] == 0:
@@ -226,7 +235,7 @@ def _adaptive(
     if not eager or rows.shape[0]:
         final = teacher_logits(model, arch, hidden, mask)
         answers[rows, :num_labels] = final.to(torch.float32)
-        answers[rows, num_labels] = normalized_entropy(final)
+        answers[rows, num_labels] = uncertainty(final, criterion, temperature)
     return answers[:, :num_labels], answers[:, -1].to(torch.int64), answers[:, num_labels].contiguous()
 
 

@@ -41,7 +41,8 @@ from .architectures import architecture_for
 from .config import check_speed
 from .encoder import embed, layer_context, model_device
 from .modeling import teacher_logits
-from .ops.reference import normalized_entropy
+from .ops.reference import uncertainty as criterion_uncertainty
+from .ops.reference import update_streak
 from .state import branch_modules, fastbert_config, is_patched
 
 
@@ -57,7 +58,7 @@ class EngineClosedError(RuntimeError):
 class EngineResult:
     """One request's answer: ``logits [C]`` float32, the argmax ``label`` (and its name when the
     model config has one), the 1-based ``exit_layer`` (L: the teacher) and the ``uncertainty``
-    (normalised entropy) of the classifier that answered."""
+    (by the model's exit criterion) of the classifier that answered."""
 
     label: int
     label_name: str | None
@@ -79,6 +80,7 @@ class _Row:
     depth: int = 0
     waited: int = 0  # steps spent waiting at the current depth
     submitted: float = 0.0  # time.monotonic() at submit
+    streak: tuple[int, int] = (-1, 0)  # patience state: the last student's argmax, agreeing confident students
 
 
 @dataclasses.dataclass
@@ -352,18 +354,24 @@ class Engine:
         self.stats.layer_calls[depth] += 1
         self.stats.layer_rows[depth] += len(rows)
         last = depth == len(self.layers) - 1
+        criterion, temperature, patience = fastbert_config(self.model).exit_rule
+        streaks = None
         if last:
             logits = teacher_logits(self.model, self.arch, hidden, mask).float()
-            uncertainty = normalized_entropy(logits)
+            uncertainty = criterion_uncertainty(logits, criterion, temperature)
             exits = torch.ones(len(rows), dtype=torch.bool)
         elif max(row.speed for row in rows) == 0.0:  # speed 0 computes no branch, as in the model
             logits = uncertainty = None
             exits = torch.zeros(len(rows), dtype=torch.bool)
         else:
+            # The fused head measures the uncertainty; each row's own speed (and its patience
+            # state, kept on the row) decides, exactly as the model's per-row speeds do.
             branch = branch_modules(self.model)[depth]
-            logits, uncertainty, _ = branch.exit_decision(hidden, mask, 1.0)
+            logits, uncertainty, _, _ = branch.exit_decision(hidden, mask, 1.0, criterion, temperature)
             speeds = torch.tensor([row.speed for row in rows], device=uncertainty.device)
-            exits = uncertainty < speeds
+            previous = torch.tensor([row.streak for row in rows], device=uncertainty.device)
+            exits, streaks = update_streak(logits.argmax(dim=-1), uncertainty, speeds, patience, previous)
+            streaks = streaks.tolist()
         if logits is not None:
             logits, uncertainty = logits.cpu(), uncertainty.cpu()
         for i, (row, leaves) in enumerate(zip(rows, exits.cpu().tolist(), strict=True)):
@@ -371,6 +379,8 @@ class Engine:
                 self._complete(row, logits[i], depth + 1, float(uncertainty[i]))
             elif not row.future.cancelled():
                 row.hidden, row.depth, row.waited = hidden[i, : lengths[i]].clone(), depth + 1, 0
+                if streaks is not None:
+                    row.streak = tuple(streaks[i])
                 self._rows[depth + 1].append(row)
 
     def _complete(self, row: _Row, logits: torch.Tensor, exit_layer: int, uncertainty: float) -> None:

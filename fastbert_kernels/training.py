@@ -158,28 +158,42 @@ def _encode(model: nn.Module, batch: Batch) -> EncoderInputs:
     return embed(model, arch, get("input_ids"), get("attention_mask"), get("token_type_ids"))
 
 
-def _student_kls(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Summed KL(p_teacher || p_student_i) over the batch, per student ``[L-1]``, and the batch size.
-    The backbone and the teacher run without gradients: only the students learn from this."""
+def _student_losses(model: nn.Module, batch: Batch, label_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Per student ``[L-1]``, summed over the batch: KL(p_teacher || p_student_i), plus
+    ``label_weight`` x the cross-entropy against ``batch["labels"]`` when the weight is positive;
+    and the batch size. The backbone and the teacher run without gradients: only the students
+    learn from this."""
     arch = architecture_for(model)
     with torch.no_grad():
         inputs = _encode(model, batch)
         states = all_layer_states(model, arch, inputs)
         log_teacher = torch.log_softmax(teacher_logits(model, arch, states[-1], inputs.mask).float(), dim=-1)
-    kls = [
-        F.kl_div(
-            torch.log_softmax(student(states[i], inputs.mask), dim=-1), log_teacher, log_target=True, reduction="sum"
-        )
-        for i, student in enumerate(students(model))
-    ]
-    return torch.stack(kls), inputs.hidden.shape[0]
+    labels = None
+    if label_weight > 0:
+        if batch.get("labels") is None:
+            raise ValueError("label_weight > 0 needs labels: pass labels=... or batches with a 'labels' key")
+        labels = batch["labels"].to(log_teacher.device)
+    losses = []
+    for i, student in enumerate(students(model)):
+        log_student = torch.log_softmax(student(states[i], inputs.mask), dim=-1)
+        loss = F.kl_div(log_student, log_teacher, log_target=True, reduction="sum")
+        if labels is not None:
+            loss = loss + label_weight * F.nll_loss(log_student, labels, ignore_index=-100, reduction="sum")
+        losses.append(loss)
+    return torch.stack(losses), inputs.hidden.shape[0]
 
 
-def _distillation_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """sum_i KL(p_teacher || p_student_i) summed over the batch's rows, and the row count (the
-    training loop divides by the global batch's rows, so that every process agrees)."""
-    kls, size = _student_kls(model, batch)
-    return kls.sum(), size
+def _student_kls(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed KL(p_teacher || p_student_i) over the batch, per student ``[L-1]``, and the batch size."""
+    return _student_losses(model, batch)
+
+
+def _distillation_loss(model: nn.Module, batch: Batch, label_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+    """sum_i [KL(p_teacher || p_student_i) + label_weight CE(y, p_student_i)] summed over the
+    batch's rows, and the row count (the training loop divides by the global batch's rows, so that
+    every process agrees)."""
+    losses, size = _student_losses(model, batch, label_weight)
+    return losses.sum(), size
 
 
 @torch.no_grad()
@@ -319,6 +333,9 @@ def distill(
     data: Sequence[str] | Iterable[Batch],
     tokenizer=None,
     options: TrainingOptions | None = None,
+    *,
+    labels: Sequence[int] | None = None,
+    label_weight: float = 0.0,
     **overrides,
 ) -> TrainHistory:
     """Self-distillation of every student from the teacher; backbone and teacher stay bit-identical.
@@ -327,6 +344,10 @@ def distill(
         model: a patched model (:func:`fastbert_kernels.patch`).
         data: unlabelled texts (with ``tokenizer``) or an iterable/DataLoader of tokenised batches
             (dicts with ``input_ids``, ``attention_mask``, optionally ``token_type_ids``).
+        labels, label_weight: with a positive ``label_weight``, each student's loss adds that
+            weight times its cross-entropy against the labels (of the texts: ``labels``; of
+            batches: their ``labels`` key), for when the labels the teacher was fine-tuned with
+            are at hand. Default 0: the paper's label-free distillation.
         options: a :class:`TrainingOptions` (default :data:`DISTILL_DEFAULTS`), or its fields as
             keyword arguments (``distill(model, texts, tokenizer, epochs=3, lr=1e-3)``). An
             interrupted run resumed from ``checkpoint_dir`` ends with the same students as an
@@ -340,15 +361,19 @@ def distill(
     student_params = [p for s in students(model) for p in s.parameters()]
     if not student_params:
         raise ValueError("this model has no students to distil")
+    if label_weight < 0:
+        raise ValueError(f"label_weight must be >= 0, got {label_weight}")
+    if labels is not None and label_weight == 0:
+        raise ValueError("labels were given but label_weight is 0: pass label_weight > 0 to use them")
     source = BatchSource(
-        data, tokenizer, batch_size=options.batch_size, max_length=options.max_length, seed=options.seed
+        data, tokenizer, labels, batch_size=options.batch_size, max_length=options.max_length, seed=options.seed
     )
     torch.manual_seed(options.seed)
     return _run(
         model,
         student_params,
         source,
-        lambda b: _distillation_loss(model, b),
+        lambda b: _distillation_loss(model, b, label_weight),
         options,
         train_mode=False,
         desc="distilling students",

@@ -33,7 +33,7 @@ def _batch(model, size: int, device="cpu") -> dict[str, torch.Tensor]:
 
 
 def _splitting_speed(model, batch) -> float:
-    u = exit_profile(model, [batch]).uncertainty[:, 0].sort().values
+    u = exit_profile(model, [batch]).uncertainty()[:, 0].sort().values
     return float(u[u.numel() // 2 - 1] + u[u.numel() // 2]) / 2 if u.numel() > 1 else float(u[0]) / 2
 
 

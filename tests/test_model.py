@@ -94,7 +94,7 @@ def test_each_sample_answers_as_if_alone(backend, device, kind, batch_size):
     batch = random_batch(batch_size, 29, _pad_id(model), device=device)
     order = torch.randperm(batch_size, device=device)
     shuffled = {k: v[order] for k, v in batch.items()}
-    speed = _splitting_speed(exit_profile(model, [batch]).uncertainty[:, 0])
+    speed = _splitting_speed(exit_profile(model, [batch]).uncertainty()[:, 0])
     with torch.no_grad():
         out = model(**batch, speed=speed)
         out_shuffled = model(**shuffled, speed=speed)
@@ -259,7 +259,7 @@ def test_at_most_one_host_sync_per_layer(backend, device, kind, attn):
     model = fbk.patch(tiny_model(kind, attn, layers=6, device=device))
     spread_branches(model)
     batch = random_batch(32, 24, _pad_id(model), device=device)
-    speed = _splitting_speed(exit_profile(model, [batch]).uncertainty[:, 0])
+    speed = _splitting_speed(exit_profile(model, [batch]).uncertainty()[:, 0])
     with torch.no_grad(), counting() as counts:
         out = model(**batch, speed=speed)
     branch_layers = min(int(out.exit_layer.max()), 5)

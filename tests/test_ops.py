@@ -1,14 +1,17 @@
 """Every backend's exit head and compaction against the plain-torch reference, on fresh random
-inputs and odd sizes; decisions compared away from the threshold; compaction bit-exact."""
+inputs and odd sizes; every exit criterion, temperature and patience state; decisions compared
+away from the threshold; compaction bit-exact."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from helpers import random_branch_weights
 
 from fastbert_kernels import ops
-from fastbert_kernels.ops import FoldedWeights, compiled, reference
+from fastbert_kernels.ops import EXIT_CRITERIA, FoldedWeights, compiled, reference
 
 # (rows N, sequence S, classes C): covers N in {0, 1, 7, 129}, S in {1, 128}, C in {2, 3, 77}.
 SIZES = [(0, 5, 2), (1, 1, 3), (1, 128, 77), (7, 128, 2), (7, 1, 77), (129, 128, 3), (129, 1, 2)]
@@ -29,25 +32,104 @@ def _inputs(n: int, s: int, c: int, dtype=torch.float32, r: int = 32, heads: int
     return hidden.to(device), mask.to(device), type(weights)(*(t.to(device) for t in weights)), heads
 
 
-def _compare_exit_head(name: str, n: int, s: int, c: int, dtype: torch.dtype, device, r: int = 32) -> None:
-    hidden, mask, weights, heads = _inputs(n, s, c, dtype, r=r, device=device)
-    ref_logits, ref_u, _ = reference.exit_head(hidden, mask, weights, heads, 0.5)
+def _compare_exit_head(
+    name: str,
+    n: int,
+    s: int,
+    c: int,
+    dtype: torch.dtype,
+    device,
+    r: int = 32,
+    criterion: str = "entropy",
+    temperature: float = 1.0,
+    weights=None,
+) -> None:
+    hidden, mask, random_weights, heads = _inputs(n, s, c, dtype, r=r, device=device)
+    weights = random_weights if weights is None else weights
+    rule = dict(criterion=criterion, temperature=temperature)
+    ref_logits, ref_u, _, ref_streak = reference.exit_head(hidden, mask, weights, heads, 0.5, **rule)
     speed = float(ref_u.median()) if n else 0.5  # a threshold that splits the batch
-    logits, u, exits = ops.exit_head(hidden, mask, weights.fold(heads, dtype), heads, speed)
+    logits, u, exits, streak = ops.exit_head(hidden, mask, weights.fold(heads, dtype), heads, speed, **rule)
     assert logits.shape == (n, c) and logits.dtype == torch.float32
     assert u.shape == (n,) and u.dtype == torch.float32
     assert exits.shape == (n,) and exits.dtype == torch.bool
+    assert streak.shape == (n, 2) and streak.dtype == torch.int64
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
     torch.testing.assert_close(u, ref_u, atol=tol, rtol=tol)
+    assert ((u >= 0) & (u <= 1)).all()
     away = (ref_u - speed).abs() > 4 * tol  # decisions compared away from the threshold
     assert torch.equal(exits[away], (ref_u < speed)[away])
-    assert torch.equal(exits, u < speed)  # the decision is the kernel's own u < speed, exactly
+    assert torch.equal(exits, u < speed)  # patience 1: the decision is the kernel's own u < speed, exactly
+    # The state: the argmax (where the top two are not a near tie) and 1 for a confident row, else 0.
+    top2 = ref_logits.topk(min(2, c), dim=-1).values
+    clear = (top2[:, 0] - top2[:, -1]) > 4 * tol if c > 1 else torch.ones(n, dtype=torch.bool)
+    assert torch.equal(streak[clear, 0], ref_streak[clear, 0])
+    assert torch.equal(streak[:, 1], exits.long())
 
 
 @pytest.mark.parametrize("n,s,c", SIZES)
 def test_exit_head_matches_reference(backend, device, n, s, c):
     _compare_exit_head(backend, n, s, c, torch.float32, device)
+
+
+@pytest.mark.parametrize("criterion", EXIT_CRITERIA)
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+@pytest.mark.parametrize("n,s,c", [(1, 1, 2), (9, 17, 77), (33, 5, 150)])
+def test_exit_criteria_match_reference(backend, device, criterion, temperature, n, s, c):
+    # C = 150 spans two class tiles of the Triton tail: its online top-2 merges across tiles.
+    _compare_exit_head(backend, n, s, c, torch.float32, device, criterion=criterion, temperature=temperature)
+
+
+@pytest.mark.parametrize("criterion", EXIT_CRITERIA)
+@pytest.mark.parametrize("c,tied", [(5, (1, 3)), (150, (20, 140)), (77, None)])
+def test_exit_criteria_on_tied_logits(backend, device, criterion, c, tied):
+    """Two classes with the same dominant logit (in different Triton tiles for C = 150): the argmax
+    is the first of them, as torch.argmax's, and the margin is 0 (u = 1). ``tied=None``: every
+    logit equal, the uniform distribution (u = 1 for entropy and margin, 1 - 1/C for max_prob)."""
+    hidden, mask, weights, heads = _inputs(6, 7, c, device=device)
+    w_cls, b_cls = weights.w_cls.clone(), weights.b_cls.clone()
+    if tied is None:
+        w_cls[:] = 0.0
+        b_cls[:] = 0.25
+        first = 0
+    else:
+        first, second = tied
+        w_cls[second] = w_cls[first]
+        b_cls[first] = b_cls[second] = 80.0  # far above every other class's logit
+    weights = weights._replace(w_cls=w_cls, b_cls=b_cls)
+    out = ops.exit_head(hidden, mask, weights.fold(heads), heads, 1.0, criterion)
+    assert (out.streak[:, 0] == first).all()
+    # Two tied classes hold all the mass: p = (1/2, 1/2); uniform: p = 1/C everywhere.
+    expected = {
+        "entropy": 1.0 if tied is None else math.log(2) / math.log(c),
+        "max_prob": 1 - 1 / c if tied is None else 0.5,
+        "margin": 1.0,
+    }[criterion]
+    torch.testing.assert_close(out.uncertainty, torch.full_like(out.uncertainty, expected), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("criterion", EXIT_CRITERIA)
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_patience_state_matches_reference(backend, device, criterion, patience):
+    """A random state from the previous student (some rows agreeing with this one's argmax):
+    the new streak and the exits equal the reference's, exactly, away from the threshold."""
+    n, c = 40, 7
+    hidden, mask, weights, heads = _inputs(n, 9, c, device=device)
+    ref = reference.exit_head(hidden, mask, weights, heads, 0.5, criterion)
+    speed = float(ref.uncertainty.median())
+    agree = torch.rand(n, device=device) < 0.6
+    previous_argmax = torch.where(agree, ref.logits.argmax(-1), torch.randint(0, c, (n,), device=device))
+    previous = torch.stack([previous_argmax, torch.randint(0, 4, (n,), device=device)], dim=1)
+    expected = reference.exit_head(hidden, mask, weights, heads, speed, criterion, 1.0, patience, previous)
+    got = ops.exit_head(hidden, mask, weights.fold(heads), heads, speed, criterion, 1.0, patience, previous)
+    top2 = expected.logits.topk(2, dim=-1).values
+    away = ((expected.uncertainty - speed).abs() > 1e-3) & ((top2[:, 0] - top2[:, 1]) > 1e-3)
+    assert away.sum() > n // 2
+    assert torch.equal(got.streak[away], expected.streak[away])
+    assert torch.equal(got.exits[away], expected.exits[away])
+    if patience > 1:  # the state matters: some rows that are confident now still stay
+        assert (got.exits != (got.uncertainty < speed)).any() or not (got.uncertainty < speed).any()
 
 
 @pytest.mark.parametrize("r,c", [(384, 3), (128, 1000), (768, 257)])
@@ -74,8 +156,8 @@ def test_exit_head_branch_shapes(backend, device, r, heads):
 def test_exit_head_speed_bounds(backend, device):
     hidden, mask, weights, heads = _inputs(9, 11, 3, device=device)
     folded = weights.fold(heads)
-    assert not ops.exit_head(hidden, mask, folded, heads, 0.0)[2].any()  # u >= 0: nobody
-    _, u, exits = ops.exit_head(hidden, mask, folded, heads, 1.0)
+    assert not ops.exit_head(hidden, mask, folded, heads, 0.0).exits.any()  # u >= 0: nobody
+    _, u, exits, _ = ops.exit_head(hidden, mask, folded, heads, 1.0)
     assert torch.equal(exits, u < 1.0)
 
 
@@ -93,8 +175,14 @@ def test_compact_bit_exact(backend, device, n, s, trim, dtype):
     keep = torch.rand(n) < 0.5
     hidden, mask, rows, keep = (t.to(device) for t in (hidden, mask, rows, keep))
     expected = reference.compact(hidden, mask, rows, keep, trim)
-    *got, padded, changed = ops.compact(hidden, mask, rows, keep, trim)
+    out = ops.compact(hidden, mask, rows, keep, trim)
+    got, padded, changed = out[:3], out.padded, out.changed
     assert changed == (not (bool(keep.all()) and got[0].shape[1] == s))
+    # carry: any other per-row tensor follows the same rows (the patience state does).
+    assert torch.equal(
+        out.carry(torch.arange(n, device=device)),
+        keep.nonzero().flatten() if changed else torch.arange(n, device=device),
+    )
     for g, e in zip(got, expected[:3], strict=True):
         assert g.shape == e.shape and g.dtype == e.dtype and g.device == hidden.device
         assert torch.equal(g, e)
@@ -150,6 +238,16 @@ def test_public_ops_check_inputs():
         ops.exit_head(hidden[..., :7].contiguous(), mask, weights, heads, 0.5)
     with pytest.raises(TypeError, match="w_in must have hidden's dtype"):
         ops.exit_head(hidden.half(), mask, weights, heads, 0.5)
+    with pytest.raises(ValueError, match="unknown exit criterion 'top1'; known: entropy, max_prob, margin"):
+        ops.exit_head(hidden, mask, weights, heads, 0.5, "top1")
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        ops.exit_head(hidden, mask, weights, heads, 0.5, "entropy", 0.0)
+    with pytest.raises(ValueError, match="patience must be at least 1"):
+        ops.exit_head(hidden, mask, weights, heads, 0.5, "entropy", 1.0, 0)
+    with pytest.raises(TypeError, match="patience must be an int"):
+        ops.exit_head(hidden, mask, weights, heads, 0.5, "entropy", 1.0, 2.0)
+    with pytest.raises(ValueError, match="streak must be int64"):
+        ops.exit_head(hidden, mask, weights, heads, 0.5, "entropy", 1.0, 2, torch.zeros(3, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="inference-only"):
         ops.exit_head(hidden.requires_grad_(), mask, weights, heads, 0.5)
     with pytest.raises(ValueError, match="keep must be bool"):
@@ -171,6 +269,14 @@ def test_cpp_checks_name_the_problem(monkeypatch):
         exit_head(hidden, mask, list(folded)[:9], heads, 0.5)
     with pytest.raises(RuntimeError, match="mask must be Long"):
         exit_head(hidden, mask.int(), list(folded), heads, 0.5)
+    with pytest.raises(RuntimeError, match="unknown exit criterion 'top1'; known: entropy,max_prob,margin"):
+        exit_head(hidden, mask, list(folded), heads, 0.5, "top1")
+    with pytest.raises(RuntimeError, match="temperature must be positive"):
+        exit_head(hidden, mask, list(folded), heads, 0.5, "margin", -1.0)
+    with pytest.raises(RuntimeError, match="patience must be at least 1"):
+        exit_head(hidden, mask, list(folded), heads, 0.5, "margin", 1.0, 0)
+    with pytest.raises(RuntimeError, match="streak must have shape"):
+        exit_head(hidden, mask, list(folded), heads, 0.5, "margin", 1.0, 2, torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(RuntimeError, match="keep must be Bool"):
         torch.ops.fastbert.compact_plan(torch.ones(3), mask, True)
     index, _ = torch.ops.fastbert.compact_plan(torch.ones(3, dtype=torch.bool), mask, True)
@@ -220,6 +326,8 @@ def test_op_contract_is_written_once_per_language():
         assert compiled.LOAD_ERROR is None, compiled.LOAD_ERROR
         names = [n for n in compiled.BUILD_INFO["folded_weights"].split(",") if n]
         assert names == list(FoldedWeights._fields)
+        criteria = [n for n in compiled.BUILD_INFO["exit_criteria"].split(",") if n]
+        assert criteria == list(EXIT_CRITERIA)
     for name, schema in SCHEMAS.items():
         assert str(getattr(torch.ops.fastbert, name).default._schema) == f"fastbert::{schema}"
 
@@ -227,7 +335,12 @@ def test_op_contract_is_written_once_per_language():
 def test_opcheck_exit_head(backend, device):
     hidden, mask, weights, heads = _inputs(5, 7, 3, device=device)
     ops.backends.ensure_registered(hidden.device)
-    torch.library.opcheck(torch.ops.fastbert.exit_head.default, (hidden, mask, list(weights.fold(heads)), heads, 0.5))
+    folded = list(weights.fold(heads))
+    torch.library.opcheck(torch.ops.fastbert.exit_head.default, (hidden, mask, folded, heads, 0.5))
+    streak = torch.stack([torch.randint(0, 3, (5,)), torch.randint(0, 3, (5,))], dim=1).to(device)
+    torch.library.opcheck(
+        torch.ops.fastbert.exit_head.default, (hidden, mask, folded, heads, 0.7, "margin", 0.5, 2, streak)
+    )
 
 
 def test_opcheck_compact(backend, device):

@@ -1,5 +1,5 @@
-// Fused FastBERT exit head on CPU: branch (folded attention, CLS query) + softmax + normalised
-// entropy + exit decision. The H -> R projection goes to BLAS through at::linear; everything after
+// Fused FastBERT exit head on CPU: branch (folded attention, CLS query) + softmax + the exit
+// criterion's uncertainty + the exit decision (patience included). The H -> R projection goes to BLAS through at::linear; everything after
 // it runs in one pass per row, parallel over rows, in float32.
 #include <ATen/Parallel.h>
 #include <torch/types.h>
@@ -32,7 +32,16 @@ struct RowInputs {
   const int64_t* count_all;
   int64_t s, r, num_heads, c;
   const float *w_qk, *b_qk, *w_ov, *b_ov, *w_pool, *b_pool, *w_cls, *b_cls;
-  float threshold;
+  FastbertExitRule rule;
+  const int64_t* streak_in;  // [N, 2] or null (the first student)
+};
+
+// Where a row's results go.
+struct RowOutputs {
+  float* logits;
+  float* uncertainty;
+  bool* exits;
+  int64_t* streak;
 };
 
 // Per-thread buffers, reused across the rows a thread runs.
@@ -43,8 +52,7 @@ struct RowScratch {
       : query(qk_width), pooled_in(qk_width), out(r), pooled(r), row_logits(c), state(num_heads) {}
 };
 
-FB_CPU_CLONES void exit_head_row(const RowInputs& in, int64_t row, RowScratch& t, float* logits_out,
-                                 float* uncertainty_out, bool* exits_out) {
+FB_CPU_CLONES void exit_head_row(const RowInputs& in, int64_t row, RowScratch& t, const RowOutputs& out) {
   const int64_t r = in.r, s = in.s, c = in.c, num_heads = in.num_heads, qk_width = num_heads * r;
   const float* a = in.a_all + in.start_all[row] * r;  // z of this row's needed tokens, token 0 first
   const int64_t count = in.count_all[row];
@@ -74,21 +82,26 @@ FB_CPU_CLONES void exit_head_row(const RowInputs& in, int64_t row, RowScratch& t
   for (int64_t i = 0; i < r; ++i) t.pooled[i] = tanhf(affine_row(in.w_pool, in.b_pool, t.out.data(), i, r));
   for (int64_t i = 0; i < c; ++i) t.row_logits[i] = affine_row(in.w_cls, in.b_cls, t.pooled.data(), i, r);
 
-  const float u = normalized_entropy(t.row_logits.data(), c);
-  std::copy(t.row_logits.begin(), t.row_logits.end(), logits_out + row * c);
-  uncertainty_out[row] = u;
-  exits_out[row] = should_exit(u, in.threshold);
+  const ExitMoments moments = exit_moments(t.row_logits.data(), c, in.rule.inv_temperature);
+  const float u = exit_uncertainty(moments, in.rule.criterion, c, in.rule.inv_temperature);
+  std::copy(t.row_logits.begin(), t.row_logits.end(), out.logits + row * c);
+  out.uncertainty[row] = u;
+  const int64_t* previous = in.streak_in == nullptr ? nullptr : in.streak_in + 2 * row;
+  out.exits[row] = update_streak(moments.argmax, u, in.rule, previous, out.streak + 2 * row);
 }
 
 }  // namespace
 
 ExitHeadResult exit_head_cpu(const at::Tensor& hidden_in, const at::Tensor& mask_in, at::TensorList weights,
-                             int64_t num_heads, double speed) {
+                             int64_t num_heads, double speed, c10::string_view criterion, double temperature,
+                             int64_t patience, const std::optional<at::Tensor>& streak_in) {
   const at::Tensor hidden = hidden_in.contiguous(), mask = mask_in.contiguous();
   const FoldedWeights w = FoldedWeights::from_list(weights);
   check_hidden_and_mask(hidden, mask);
   TORCH_CHECK(hidden.device().is_cpu(), "exit_head_cpu needs CPU tensors, got ", hidden.device());
   const int64_t r = check_folded_weights(hidden, w, num_heads);
+  const FastbertExitRule rule = check_exit_rule(hidden, speed, criterion, temperature, patience, streak_in);
+  const at::Tensor previous = streak_in.has_value() ? streak_in->contiguous() : at::Tensor();
   const int64_t n = hidden.size(0), s = hidden.size(1), h = hidden.size(2);
   const int64_t c = w.w_cls.size(0);
   const int64_t qk_width = num_heads * r;
@@ -96,7 +109,8 @@ ExitHeadResult exit_head_cpu(const at::Tensor& hidden_in, const at::Tensor& mask
   auto logits = at::empty({n, c}, hidden.options().dtype(at::kFloat));
   auto uncertainty = at::empty({n}, hidden.options().dtype(at::kFloat));
   auto exits = at::empty({n}, hidden.options().dtype(at::kBool));
-  if (n == 0) return {logits, uncertainty, exits};
+  auto streak = at::empty({n, 2}, hidden.options().dtype(at::kLong));
+  if (n == 0) return {logits, uncertainty, exits, streak};
   TORCH_CHECK(s > 0, "hidden has an empty sequence axis");
 
   // z = tanh(x W_in^T + b_in) is the only O(S * H * R) work, so it runs only on the tokens that
@@ -130,17 +144,15 @@ ExitHeadResult exit_head_cpu(const at::Tensor& hidden_in, const at::Tensor& mask
   const RowInputs in{projected.data_ptr<float>(), mask_all, row_start.data(), row_count.data(), s, r, num_heads, c,
                      w.w_qk.data_ptr<float>(), w.b_qk.data_ptr<float>(), w.w_ov.data_ptr<float>(),
                      w.b_ov.data_ptr<float>(), w.w_pool.data_ptr<float>(), w.b_pool.data_ptr<float>(),
-                     w.w_cls.data_ptr<float>(), w.b_cls.data_ptr<float>(), static_cast<float>(speed)};
-  float* logits_out = logits.data_ptr<float>();
-  float* uncertainty_out = uncertainty.data_ptr<float>();
-  bool* exits_out = exits.data_ptr<bool>();
+                     w.w_cls.data_ptr<float>(), w.b_cls.data_ptr<float>(), rule,
+                     previous.defined() ? previous.data_ptr<int64_t>() : nullptr};
+  const RowOutputs out{logits.data_ptr<float>(), uncertainty.data_ptr<float>(), exits.data_ptr<bool>(),
+                       streak.data_ptr<int64_t>()};
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     RowScratch scratch(qk_width, r, c, num_heads);
-    for (int64_t row = begin; row < end; ++row) {
-      exit_head_row(in, row, scratch, logits_out, uncertainty_out, exits_out);
-    }
+    for (int64_t row = begin; row < end; ++row) exit_head_row(in, row, scratch, out);
   });
-  return {logits, uncertainty, exits};
+  return {logits, uncertainty, exits, streak};
 }
 
 }  // namespace fastbert

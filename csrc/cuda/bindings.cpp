@@ -20,12 +20,15 @@ void check_cuda(cudaError_t err, const char* what) {
 }  // namespace
 
 ExitHeadResult exit_head_cuda(const at::Tensor& hidden_in, const at::Tensor& mask_in, at::TensorList weights,
-                              int64_t num_heads, double speed) {
+                              int64_t num_heads, double speed, c10::string_view criterion, double temperature,
+                              int64_t patience, const std::optional<at::Tensor>& streak_in) {
   const at::Tensor hidden = hidden_in.contiguous(), mask = mask_in.contiguous();
   const FoldedWeights w = FoldedWeights::from_list(weights);
   check_hidden_and_mask(hidden, mask);
   TORCH_CHECK(hidden.is_cuda(), "exit_head_cuda needs CUDA tensors, got ", hidden.device());
   const int64_t r = check_folded_weights(hidden, w, num_heads);
+  const FastbertExitRule rule = check_exit_rule(hidden, speed, criterion, temperature, patience, streak_in);
+  const at::Tensor previous = streak_in.has_value() ? streak_in->contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t n = hidden.size(0), s = hidden.size(1), h = hidden.size(2), c = w.w_cls.size(0);
   int shared_limit = 0;
@@ -38,19 +41,22 @@ ExitHeadResult exit_head_cuda(const at::Tensor& hidden_in, const at::Tensor& mas
   auto logits = at::empty({n, c}, hidden.options().dtype(at::kFloat));
   auto uncertainty = at::empty({n}, hidden.options().dtype(at::kFloat));
   auto exits = at::empty({n}, hidden.options().dtype(at::kBool));
-  if (n == 0) return {logits, uncertainty, exits};
+  auto streak = at::empty({n, 2}, hidden.options().dtype(at::kLong));
+  if (n == 0) return {logits, uncertainty, exits, streak};
   const at::Tensor projected = at::linear(hidden.view({n * s, h}), w.w_in).to(at::kFloat).contiguous();
+  // Every weight but w_in, whose product is `projected`: w_in has hidden's dtype, which may be half
+  // precision, so its pointer stays null (data_ptr<float> would refuse it).
   FastbertFoldedPointers pointers{};
-#define FASTBERT_POINTER(name) pointers.name = w.name.data_ptr<float>();
-  // Every weight but w_in, whose product is `projected` (w_in may be half precision).
+#define FASTBERT_POINTER(name) \
+  if (&w.name != &w.w_in) pointers.name = w.name.data_ptr<float>();
   FASTBERT_FOLDED_WEIGHTS(FASTBERT_POINTER)
 #undef FASTBERT_POINTER
   check_cuda(fastbert_exit_head_rows(projected.data_ptr<float>(), mask.data_ptr<int64_t>(), n, s, r, num_heads, c,
-                                     pointers, static_cast<float>(speed), logits.data_ptr<float>(),
-                                     uncertainty.data_ptr<float>(), exits.data_ptr<bool>(),
-                                     c10::cuda::getCurrentCUDAStream()),
+                                     pointers, rule, previous.defined() ? previous.data_ptr<int64_t>() : nullptr,
+                                     logits.data_ptr<float>(), uncertainty.data_ptr<float>(), exits.data_ptr<bool>(),
+                                     streak.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
              "fastbert_exit_head_rows");
-  return {logits, uncertainty, exits};
+  return {logits, uncertainty, exits, streak};
 }
 
 CompactPlan compact_plan_cuda(const at::Tensor& keep_in, const at::Tensor& mask_in, bool trim) {

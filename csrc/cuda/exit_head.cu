@@ -1,7 +1,7 @@
 // Fused FastBERT exit head on CUDA, after the vendor GEMM's H -> R projection: tanh, the folded
 // CLS-query attention (online softmax, tokens split across warps and merged), the output,
-// pooler and classifier matvecs (a warp per output row, coalesced), softmax, normalised entropy
-// and the exit decision. One block per row: every block reads the folded weights (about
+// pooler and classifier matvecs (a warp per output row, coalesced), softmax, the exit criterion's
+// uncertainty and the exit decision (patience included). One block per row: every block reads the folded weights (about
 // 4 R^2 + C R floats, 330 KB at R = 128) from L2, where they stay for the whole launch. The
 // online-softmax arithmetic comes from fastbert/exit_head_math.h, shared with the CPU kernel.
 #include "fastbert/exit_head_math.h"
@@ -40,28 +40,32 @@ __device__ __forceinline__ void warp_affine(const float* __restrict__ w, const f
   }
 }
 
-// u = -sum p log p / log C over `c` logits in shared memory, by one warp (the same formula as
-// fastbert::normalized_entropy, with the sums split across lanes).
-__device__ __forceinline__ float warp_normalized_entropy(const float* logits, int64_t c) {
+// The exit criteria's moments (fastbert::ExitMoments) of `c` logits in shared memory, by one warp:
+// each lane folds its strided share, the lanes' (top1, argmax, top2) merge in a butterfly (ties
+// keep the smaller index, so the argmax is the first maximum, as on the CPU), then the sums.
+__device__ __forceinline__ fastbert::ExitMoments warp_exit_moments(const float* logits, int64_t c,
+                                                                  float inv_temperature) {
   const int lane = threadIdx.x % 32;
-  float top = -INFINITY;
-  for (int64_t i = lane; i < c; i += 32) top = fmaxf(top, logits[i]);
-  top = __shfl_sync(0xffffffffu, warp_max(top), 0);
-  float sum = 0.f;
-  for (int64_t i = lane; i < c; i += 32) sum += expf(logits[i] - top);
-  const float log_sum = logf(warp_sum(sum));
-  float entropy = 0.f;
-  for (int64_t i = lane; i < c; i += 32) {
-    const float log_p = logits[i] - top - log_sum;
-    entropy -= expf(log_p) * log_p;
+  fastbert::ExitMoments m{-INFINITY, -INFINITY, c, 0.f, 0.f};
+  for (int64_t i = lane; i < c; i += 32) fastbert::top2_update(logits[i], i, &m.top1, &m.argmax, &m.top2);
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other1 = __shfl_xor_sync(0xffffffffu, m.top1, offset);
+    const float other2 = __shfl_xor_sync(0xffffffffu, m.top2, offset);
+    const int64_t other_index = __shfl_xor_sync(0xffffffffu, m.argmax, offset);
+    fastbert::top2_merge(other1, other_index, other2, &m.top1, &m.argmax, &m.top2);
   }
-  return warp_sum(entropy) / logf(static_cast<float>(c));
+  float sum = 0.f, weighted = 0.f;
+  for (int64_t i = lane; i < c; i += 32) fastbert::softmax_moments_add(logits[i], m.top1, inv_temperature, &sum, &weighted);
+  m.sum = warp_sum(sum);
+  m.weighted = warp_sum(weighted);
+  return m;
 }
 
 __global__ void exit_head_rows_kernel(const float* __restrict__ projected, const int64_t* __restrict__ mask,
                                       int64_t s, int64_t r, int64_t num_heads, int64_t c, FastbertFoldedPointers w,
-                                      float speed, float* __restrict__ logits, float* __restrict__ uncertainty,
-                                      bool* __restrict__ exits) {
+                                      FastbertExitRule rule, const int64_t* __restrict__ streak_in,
+                                      float* __restrict__ logits, float* __restrict__ uncertainty,
+                                      bool* __restrict__ exits, int64_t* __restrict__ streak_out) {
   const float* __restrict__ b_in = w.b_in;
   extern __shared__ float shared[];
   const int64_t qk = num_heads * r;
@@ -138,10 +142,12 @@ __global__ void exit_head_rows_kernel(const float* __restrict__ projected, const
   warp_affine(w.w_cls, w.b_cls, pooled, c, r, false, row_logits, logits + row * c);
   __syncthreads();
   if (warp == 0) {
-    const float u = warp_normalized_entropy(row_logits, c);
+    const fastbert::ExitMoments moments = warp_exit_moments(row_logits, c, rule.inv_temperature);
     if (lane == 0) {
+      const float u = fastbert::exit_uncertainty(moments, rule.criterion, c, rule.inv_temperature);
       uncertainty[row] = u;
-      exits[row] = fastbert::should_exit(u, speed);
+      const int64_t* previous = streak_in == nullptr ? nullptr : streak_in + 2 * row;
+      exits[row] = fastbert::update_streak(moments.argmax, u, rule, previous, streak_out + 2 * row);
     }
   }
 }
@@ -155,10 +161,14 @@ extern "C" size_t fastbert_exit_head_shared_bytes(int64_t r, int64_t num_heads, 
 
 extern "C" cudaError_t fastbert_exit_head_rows(const float* projected, const int64_t* mask, int64_t n, int64_t s,
                                                int64_t r, int64_t num_heads, int64_t c,
-                                               FastbertFoldedPointers weights, float speed, float* logits,
-                                               float* uncertainty, bool* exits, cudaStream_t stream) {
+                                               FastbertFoldedPointers weights, FastbertExitRule rule,
+                                               const int64_t* streak_in, float* logits, float* uncertainty,
+                                               bool* exits, int64_t* streak_out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (num_heads < 1 || s < 1 || r < 1 || c < 2) return cudaErrorInvalidValue;
+  if (num_heads < 1 || s < 1 || r < 1 || c < 2 || rule.patience < 1 || rule.criterion < 0 ||
+      rule.criterion >= FASTBERT_NUM_EXIT_CRITERIA) {
+    return cudaErrorInvalidValue;
+  }
   const size_t shared = fastbert_exit_head_shared_bytes(r, num_heads, c);
   if (shared > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(exit_head_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -166,7 +176,6 @@ extern "C" cudaError_t fastbert_exit_head_rows(const float* projected, const int
     if (err != cudaSuccess) return err;
   }
   exit_head_rows_kernel<<<static_cast<unsigned>(n), kThreads, shared, stream>>>(
-      projected, mask, s, r, num_heads, c, weights, speed, logits,
-      uncertainty, exits);
+      projected, mask, s, r, num_heads, c, weights, rule, streak_in, logits, uncertainty, exits, streak_out);
   return cudaGetLastError();
 }

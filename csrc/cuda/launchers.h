@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "fastbert/exit_rule.h"
 #include "fastbert/folded_weights.h"
 
 // The folded weights' device pointers, one field per FASTBERT_FOLDED_WEIGHTS entry, float32.
@@ -21,11 +22,13 @@ extern "C" {
 #endif
 
 // Exit head after the H -> R projection. `projected` is [n, s, r] float32 (x W_in^T, no bias);
-// `weights` are the folded float32 weights (fastbert/folded_weights.h).
-// Writes logits [n, c], uncertainty [n], exits [n]. One block per row.
+// `weights` are the folded float32 weights (fastbert/folded_weights.h); `rule` the exit rule
+// (fastbert/exit_rule.h); `streak_in` [n, 2] the rows' patience state, or null before the first
+// student. Writes logits [n, c], uncertainty [n], exits [n], streak_out [n, 2]. One block per row.
 cudaError_t fastbert_exit_head_rows(const float* projected, const int64_t* mask, int64_t n, int64_t s, int64_t r,
-                                    int64_t num_heads, int64_t c, struct FastbertFoldedPointers weights, float speed,
-                                    float* logits, float* uncertainty, bool* exits, cudaStream_t stream);
+                                    int64_t num_heads, int64_t c, struct FastbertFoldedPointers weights,
+                                    struct FastbertExitRule rule, const int64_t* streak_in, float* logits,
+                                    float* uncertainty, bool* exits, int64_t* streak_out, cudaStream_t stream);
 
 // Bytes of dynamic shared memory fastbert_exit_head_rows needs for these sizes.
 size_t fastbert_exit_head_shared_bytes(int64_t r, int64_t num_heads, int64_t c);

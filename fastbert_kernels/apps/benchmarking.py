@@ -7,18 +7,19 @@ Hugging Face forward on the same weights, with no copy of the model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
-from ..calibration import flops_speedup
+from ..calibration import ExitSetting, flops_speedup
 from ..encoder import embed, layer_context, run_layers
 from ..modeling import teacher_logits
-from ..state import students
+from ..state import fastbert_config, students
 
 Batch = dict[str, torch.Tensor]
 # The unpatched model is timed again after every this many methods, so that a drift in machine
@@ -64,12 +65,33 @@ def hf_predict(model, batches: list[Batch]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fastbert_predict(model, batches: list[Batch], speed: float) -> tuple[torch.Tensor, torch.Tensor]:
+@contextlib.contextmanager
+def exit_rule(model, setting: ExitSetting | None) -> Iterator[None]:
+    """Within the block the model decides by ``setting``'s criterion, temperature and patience
+    (None: its own); its config is restored after."""
+    config = fastbert_config(model)
+    saved = config.exit_rule
+    if setting is not None:
+        config.exit_criterion, config.exit_temperature, config.exit_patience = (
+            setting.criterion,
+            setting.temperature,
+            setting.patience,
+        )
+    try:
+        yield
+    finally:
+        config.exit_criterion, config.exit_temperature, config.exit_patience = saved
+
+
+def fastbert_predict(
+    model, batches: list[Batch], speed: float, setting: ExitSetting | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     logits, layers = [], []
-    for b in batches:
-        out = model(**b, speed=speed)
-        logits.append(out.logits)
-        layers.append(out.exit_layer)
+    with exit_rule(model, setting):
+        for b in batches:
+            out = model(**b, speed=speed)
+            logits.append(out.logits)
+            layers.append(out.exit_layer)
     return torch.cat(logits), torch.cat(layers)
 
 
@@ -95,8 +117,8 @@ def static_depth_predict(model, batches: list[Batch], depth: int) -> torch.Tenso
 class BenchRow:
     """One method at one batch size. Speed-ups are against the unpatched model in the same run."""
 
-    method: str  # "huggingface", "fastbert" or "static"
-    setting: float  # speed for fastbert, depth for static, 0 for huggingface
+    method: str  # "huggingface", "fastbert" (the model's exit rule), "calibrated" (a given rule) or "static"
+    setting: float  # speed for fastbert and calibrated, depth for static, 0 for huggingface
     batch_size: int
     samples: int
     accuracy: float
@@ -105,6 +127,7 @@ class BenchRow:
     ideal_speedup: float
     seconds: float
     baseline_seconds: float
+    rule: str = ""  # the exit rule of a fastbert or calibrated row: "criterion T=.. patience=.."
 
     @property
     def wallclock_speedup(self) -> float:
@@ -129,9 +152,11 @@ def benchmark(
     static_depths: Sequence[int] = (),
     repeats: int = 3,
     progress: bool = True,
+    settings: Sequence[ExitSetting] = (),
 ) -> list[BenchRow]:
-    """Times the unpatched model, the patched model at each speed and the static-depth baselines on
-    the same tokenised batches. Each method runs ``repeats`` times, interleaved with the unpatched
+    """Times the unpatched model, the patched model at each speed (its own exit rule) and at each
+    of ``settings`` (their rule and speed), and the static-depth baselines on the same tokenised
+    batches. Each method runs ``repeats`` times, interleaved with the unpatched
     model, and the minimum of each is kept (the least-disturbed run), so that drifts in machine
     load hit both sides of every ratio."""
     device = next(model.parameters()).device
@@ -142,16 +167,23 @@ def benchmark(
     lengths = torch.cat([b["attention_mask"].sum(1).cpu() for b in batches])
     padded = torch.cat([torch.full((b["input_ids"].shape[0],), b["input_ids"].shape[1]) for b in batches])
 
-    methods: list[tuple[str, float, Callable[[], tuple[torch.Tensor, torch.Tensor]]]] = []
+    methods: list[tuple[str, float, str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]] = []
     full_depth = torch.full((len(texts),), num_layers)
-    methods.append(("huggingface", 0.0, lambda: (hf_predict(model, batches), full_depth)))
+    methods.append(("huggingface", 0.0, "", lambda: (hf_predict(model, batches), full_depth)))
+    own = "{} T={:g} patience={}".format(*fastbert_config(model).exit_rule)
     for speed in speeds:
-        methods.append(("fastbert", speed, lambda s=speed: fastbert_predict(model, batches, s)))
+        methods.append(("fastbert", speed, own, lambda s=speed: fastbert_predict(model, batches, s)))
+    for setting in settings:
+        rule = f"{setting.criterion} T={setting.temperature:g} patience={setting.patience}"
+        methods.append(
+            ("calibrated", setting.speed, rule, lambda x=setting: fastbert_predict(model, batches, x.speed, x))
+        )
     for depth in static_depths:
         methods.append(
             (
                 "static",
                 float(depth),
+                "",
                 lambda d=depth: (static_depth_predict(model, batches, d), torch.full((len(texts),), d)),
             )
         )
@@ -163,7 +195,7 @@ def benchmark(
     results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     bar = tqdm(total=repeats * len(methods), desc=f"timing at batch {batch_size}", disable=not progress)
     for _ in range(repeats):
-        for index, (_, _, run) in enumerate(methods):
+        for index, (_, _, _, run) in enumerate(methods):
             if index % BASELINE_EVERY == 0:  # the baseline, interleaved through the run
                 baseline.append(timed(lambda: hf_predict(model, batches), device)[1])
             result, seconds = timed(run, device)
@@ -173,14 +205,14 @@ def benchmark(
     bar.close()
     base = min([*baseline, best[0]])
     rows = []
-    for index, (method, setting, _) in enumerate(methods):
+    for index, (method, setting, rule, _) in enumerate(methods):
         logits, exit_layers = results[index]
         exit_layers = exit_layers.cpu()
         mean_layer = float(exit_layers.float().mean())
         if method == "static":  # k layers and one branch: counted as layer work only
             speedups = (num_layers / mean_layer, num_layers / mean_layer)
         else:  # branches run only at speed > 0; the unpatched model runs none
-            with_branches = method == "fastbert" and setting > 0
+            with_branches = method in ("fastbert", "calibrated") and setting > 0
             # FLOPs speed-up: the paper's accounting at the real lengths. Ideal: the work this
             # implementation does (fused branch) at the padded length each batch runs at.
             speedups = (
@@ -199,6 +231,7 @@ def benchmark(
                 ideal_speedup=speedups[1],
                 seconds=best[index],
                 baseline_seconds=base,
+                rule=rule,
             )
         )
     return rows

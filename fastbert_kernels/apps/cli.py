@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..training import DISTILL_DEFAULTS
 from .demo import DEFAULT_SPEEDS, cmd_demo
 from .environment import environment
 from .loading import load_for_cli
@@ -102,8 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--teacher", choices=["model", "branch"], default="model")
         p.add_argument("--epochs", type=int, default=1, help="teacher fine-tuning epochs")
         p.add_argument("--lr", type=float, default=2e-5, help="fine-tuning learning rate")
-        p.add_argument("--distill-lr", type=float, default=2e-4, help="distillation learning rate")
-        p.add_argument("--distill-epochs", type=int, default=1)
+        p.add_argument("--distill-lr", type=float, default=DISTILL_DEFAULTS.lr, help="distillation learning rate")
+        p.add_argument("--distill-epochs", type=int, default=DISTILL_DEFAULTS.epochs)
+        p.add_argument(
+            "--distill-label-weight",
+            type=float,
+            default=0.0,
+            help="weight of the students' cross-entropy against the training labels (0: label-free)",
+        )
         p.add_argument("--max-train", type=int, default=None, help="use only the first N training texts")
         p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test texts")
         p.add_argument("--batch1-samples", type=int, default=200, help="test texts timed at batch 1")
@@ -118,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("checkpoint", help="a FastBERT checkpoint, or a fine-tuned ...ForSequenceClassification one")
     d.add_argument("--texts", required=True, help="unlabelled texts: .txt (one a line), .jsonl or .csv (text)")
     d.add_argument("--out", required=True, help="where to save the distilled FastBERT checkpoint")
-    d.add_argument("--epochs", type=int, default=1)
+    d.add_argument("--epochs", type=int, default=DISTILL_DEFAULTS.epochs)
     d.add_argument("--batch-size", type=int, default=32, help="global batch (split over the processes)")
-    d.add_argument("--lr", type=float, default=2e-4)
+    d.add_argument("--lr", type=float, default=DISTILL_DEFAULTS.lr)
     d.add_argument("--max-length", type=int, default=128)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--resume-dir", default=None, help="checkpoint the run here and resume from it")

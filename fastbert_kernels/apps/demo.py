@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import choose_speed, exit_profile
-from .benchmarking import benchmark, make_batches
+from ..calibration import Calibration, ExitProfile, calibrate, exit_profile
+from .benchmarking import BenchRow, benchmark, make_batches
 from .data import load_dataset, packaged_model_dir
 from .environment import environment
 
@@ -24,83 +24,102 @@ DEFAULT_SPEEDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 # The batch the demo evaluates and times at (besides batch 1), and the one it trains with.
 BATCH_SIZE = 64
 TRAIN_BATCH_SIZE = 32
-# Calibration target: the largest speed within this accuracy drop of the teacher, on validation.
+# Calibration target: the fastest exit rule within this accuracy drop of the teacher, on validation.
 MAX_ACCURACY_DROP = 0.01
-# Temperatures the many-class study simulates (1.0: the plain entropy).
-STUDY_TEMPERATURES = (1.0, 0.5, 0.25)
 
 
 def _cache_key(**settings) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def prepare_model(args: argparse.Namespace, dataset):
-    """Fine-tuned teacher and distilled students, from the cache when they are there."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    import fastbert_kernels as fbk
-
-    base = packaged_model_dir()
-    settings = dict(
+def _teacher_settings(args: argparse.Namespace, dataset) -> dict:
+    return dict(
         lr=args.lr,
-        distill_lr=args.distill_lr,
         data=dataset.name,
         content=dataset.fingerprint(),
         epochs=args.epochs,
-        distill_epochs=args.distill_epochs,
         max_train=args.max_train,
         max_length=args.max_length,
         seed=args.seed,
         teacher=args.teacher,
     )
-    root = Path(args.cache_dir) / f"{dataset.name}-{_cache_key(**settings)}"
-    teacher_dir, fast_dir = root / "teacher", root / "fastbert"
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    train = dataset.train.head(args.max_train)
+
+
+def distill_settings(args: argparse.Namespace) -> dict:
+    """The distillation recipe the demo's command line asks for (part of the students' cache key)."""
+    return dict(lr=args.distill_lr, epochs=args.distill_epochs, label_weight=args.distill_label_weight)
+
+
+def prepare_teacher(args: argparse.Namespace, dataset, tokenizer) -> tuple[object, dict]:
+    """The fine-tuned teacher, patched (fresh students), from the cache when it is there. The
+    cache key holds the teacher's settings only, so that distillation recipes share one teacher."""
+    from transformers import AutoModelForSequenceClassification
+
+    import fastbert_kernels as fbk
+
+    teacher_dir = Path(args.cache_dir) / f"{dataset.name}-teacher-{_cache_key(**_teacher_settings(args, dataset))}"
     timings = {}
-    if (fast_dir / "fastbert_config.json").is_file():
-        print(f"using cached distilled model {fast_dir}")
-        return fbk.from_pretrained(fast_dir), tokenizer, timings
     torch.manual_seed(args.seed)
     if (teacher_dir / "config.json").is_file():
         print(f"using cached fine-tuned teacher {teacher_dir}")
         model = AutoModelForSequenceClassification.from_pretrained(str(teacher_dir), local_files_only=True)
-        fbk.patch(model, teacher=args.teacher)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(base),
-            num_labels=dataset.num_labels,
-            local_files_only=True,
-            id2label=dict(enumerate(dataset.label_names)),
-            label2id={n: i for i, n in enumerate(dataset.label_names)},
-        )
-        if args.teacher == "branch":
-            fbk.patch(model, teacher="branch")
-        begin = time.perf_counter()
-        fbk.fine_tune(
-            model,
-            train.texts,
-            train.labels,
-            tokenizer,
-            epochs=args.epochs,
-            batch_size=TRAIN_BATCH_SIZE,
-            lr=args.lr,
-            max_length=args.max_length,
-            seed=args.seed,
-        )
-        timings["fine_tune_s"] = time.perf_counter() - begin
-        if args.teacher == "model":
-            model.save_pretrained(teacher_dir)
-            fbk.patch(model, teacher="model")
+        return fbk.patch(model, teacher=args.teacher), timings
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(packaged_model_dir()),
+        num_labels=dataset.num_labels,
+        local_files_only=True,
+        id2label=dict(enumerate(dataset.label_names)),
+        label2id={n: i for i, n in enumerate(dataset.label_names)},
+    )
+    if args.teacher == "branch":
+        fbk.patch(model, teacher="branch")
+    train = dataset.train.head(args.max_train)
     begin = time.perf_counter()
-    # Self-distillation needs no labels: the training texts serve as unlabelled in-domain text.
+    fbk.fine_tune(
+        model,
+        train.texts,
+        train.labels,
+        tokenizer,
+        epochs=args.epochs,
+        batch_size=TRAIN_BATCH_SIZE,
+        lr=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    timings["fine_tune_s"] = time.perf_counter() - begin
+    if args.teacher == "model":
+        model.save_pretrained(teacher_dir)
+        fbk.patch(model, teacher="model")
+    return model, timings
+
+
+def prepare_model(args: argparse.Namespace, dataset):
+    """Fine-tuned teacher and distilled students, from the cache when they are there."""
+    from transformers import AutoTokenizer
+
+    import fastbert_kernels as fbk
+
+    settings = dict(_teacher_settings(args, dataset), distill=distill_settings(args))
+    fast_dir = Path(args.cache_dir) / f"{dataset.name}-fastbert-{_cache_key(**settings)}"
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_model_dir()))
+    if (fast_dir / "fastbert_config.json").is_file():
+        print(f"using cached distilled model {fast_dir}")
+        return fbk.from_pretrained(fast_dir), tokenizer, {}
+    model, timings = prepare_teacher(args, dataset, tokenizer)
+    train = dataset.train.head(args.max_train)
+    begin = time.perf_counter()
+    # Self-distillation needs no labels: the training texts serve as unlabelled in-domain text. With
+    # a label weight, the labels the teacher was fine-tuned with add a cross-entropy term.
+    recipe = distill_settings(args)
     fbk.distill(
         model,
         train.texts,
         tokenizer,
-        epochs=args.distill_epochs,
+        labels=train.labels if recipe["label_weight"] > 0 else None,
+        label_weight=recipe["label_weight"],
+        epochs=recipe["epochs"],
         batch_size=TRAIN_BATCH_SIZE,
-        lr=args.distill_lr,
+        lr=recipe["lr"],
         max_length=args.max_length,
         seed=args.seed,
     )
@@ -161,28 +180,80 @@ def _plot(rows, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _print_table(rows) -> None:
-    by = {(r.method, r.setting, r.batch_size): r for r in rows}
+def _print_table(rows: list[BenchRow]) -> None:
+    by = {(r.method, r.setting, r.rule, r.batch_size): r for r in rows}
     print(
-        f"\n{'method':<12}{'setting':>8}{'accuracy':>10}{'exit layer':>12}{'FLOPs x':>9}"
+        f"\n{'method':<12}{'setting':>8}  {'rule':<28}{'accuracy':>10}{'exit layer':>12}{'FLOPs x':>9}"
         f"{'wall x b1':>11}{'wall x b64':>12}{'ideal x b64':>13}{'eff. b64':>10}"
     )
     for r in rows:
         if r.batch_size != BATCH_SIZE:
             continue
-        single = by.get((r.method, r.setting, 1))
+        single = by.get((r.method, r.setting, r.rule, 1))
         wall1 = f"{single.wallclock_speedup:.2f}" if single else "-"
         print(
-            f"{r.method:<12}{r.setting:>8g}{100 * r.accuracy:>9.2f}%{r.mean_exit_layer:>12.2f}{r.flops_speedup:>9.2f}"
-            f"{wall1:>11}{r.wallclock_speedup:>12.2f}{r.ideal_speedup:>13.2f}{r.efficiency:>10.2f}"
+            f"{r.method:<12}{r.setting:>8.4g}  {r.rule:<28}{100 * r.accuracy:>9.2f}%{r.mean_exit_layer:>12.2f}"
+            f"{r.flops_speedup:>9.2f}{wall1:>11}{r.wallclock_speedup:>12.2f}{r.ideal_speedup:>13.2f}{r.efficiency:>10.2f}"
         )
 
 
-def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path, meta: dict) -> list:
+def student_accuracy(profile: ExitProfile, labels: torch.Tensor) -> list[float]:
+    """Each classifier's accuracy on its own (students, then the teacher)."""
+    return (profile.prediction == labels[:, None]).float().mean(0).tolist()
 
+
+def _plot_calibration(calibration: Calibration, path: Path, title: str) -> None:
+    """Each criterion's curve (at its best temperature and patience): validation accuracy against
+    the ideal speed-up, with the 1-point budget and the chosen setting marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for criterion, best in calibration.best.items():
+        if best is None:
+            continue
+        curve = calibration.curves[(criterion, best.temperature, best.patience)]
+        ax.plot(
+            [s.speedup for s in curve],
+            [100 * s.accuracy for s in curve],
+            label=f"{criterion}, T={best.temperature:g}, patience {best.patience}",
+        )
+        ax.plot([best.speedup], [100 * best.accuracy], "o", color=ax.lines[-1].get_color())
+    budget = 100 * (calibration.teacher_accuracy - MAX_ACCURACY_DROP)
+    ax.axhline(budget, color="k", linestyle=":", label=f"teacher - {100 * MAX_ACCURACY_DROP:g} point")
+    ax.set_xlabel("ideal speed-up (FLOPs at real lengths)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylim(max(0.0, budget - 25), 100 * calibration.teacher_accuracy + 3)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path, meta: dict) -> list[BenchRow]:
+    """Calibrates the exit rule on validation, then times the speed sweep, each criterion's
+    calibrated setting and the static baselines on test against the unpatched model."""
     device = next(model.parameters()).device
+    validation = dataset.validation.head(args.max_test)
+    profile = exit_profile(model, make_batches(tokenizer, validation.texts, BATCH_SIZE, args.max_length, device))
+    labels = torch.tensor(validation.labels)
+    accuracies = student_accuracy(profile, labels)
+    print(
+        "validation accuracy of each classifier alone (layers 1..L, the last is the teacher): "
+        + " / ".join(f"{100 * a:.1f}%" for a in accuracies)
+    )
+    calibration = calibrate(model, profile, labels, max_accuracy_drop=MAX_ACCURACY_DROP, apply=False)
+    print(f"\ncalibrated on validation (fastest within {100 * MAX_ACCURACY_DROP:g} point of the teacher):")
+    print(calibration.table())
+    settings = [best for best in calibration.best.values() if best is not None]
+
     test = dataset.test.head(args.max_test)
     depths = list(range(1, model.config.num_hidden_layers))
+    common = dict(max_length=args.max_length, settings=settings)
     rows = benchmark(
         model,
         tokenizer,
@@ -190,9 +261,9 @@ def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path,
         test.labels,
         args.speeds,
         batch_size=BATCH_SIZE,
-        max_length=args.max_length,
         static_depths=depths,
         repeats=args.repeats,
+        **common,
     )
     single = test.head(args.batch1_samples)
     rows += benchmark(
@@ -202,49 +273,38 @@ def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path,
         single.labels,
         args.speeds,
         batch_size=1,
-        max_length=args.max_length,
         repeats=max(1, args.repeats - 1),
+        **common,
     )
     _print_table(rows)
-    # Calibration on the validation split: the largest speed within 1 point of the teacher.
-    validation = dataset.validation.head(args.max_test)
-    validation_batches = make_batches(tokenizer, validation.texts, BATCH_SIZE, args.max_length, device)
-    profile = exit_profile(model, validation_batches)
-    labels = torch.tensor(validation.labels)
-    speed, stats = choose_speed(profile, labels, model, max_accuracy_drop=MAX_ACCURACY_DROP)
-    print(
-        f"\ncalibrated on validation: speed {speed:.3f} keeps accuracy within 1 point of the teacher "
-        f"({100 * stats['accuracy']:.2f}% vs {100 * stats['teacher_accuracy']:.2f}%), "
-        f"ideal speed-up {stats['speedup']:.2f}x"
+    calibration.apply(model)
+    chosen = calibration.chosen
+    on_test = next(
+        r
+        for r in rows
+        if r.method == "calibrated"
+        and r.batch_size == BATCH_SIZE
+        and r.setting == chosen.speed
+        and r.rule.startswith(chosen.criterion)
     )
-    test_profile = exit_profile(model, make_batches(tokenizer, test.texts, BATCH_SIZE, args.max_length, device))
-    test_labels = torch.tensor(test.labels)
-    calibrated = {
-        "speed": speed,
-        "validation": stats,
-        "test_accuracy": float((test_profile.predictions(speed) == test_labels).float().mean()),
+    print(
+        f"\nchosen: {chosen.criterion}, T={chosen.temperature:g}, patience {chosen.patience}, "
+        f"speed {chosen.speed:.4f}; "
+        f"on test {100 * on_test.accuracy:.2f}% (unpatched {100 * rows[0].accuracy:.2f}%), "
+        f"{on_test.wallclock_speedup:.2f}x wall-clock at batch {BATCH_SIZE} (ideal {on_test.ideal_speedup:.2f}x)"
+    )
+    summary = {
+        "chosen": chosen.as_dict(),
+        "teacher_accuracy": calibration.teacher_accuracy,
+        "best_per_criterion": {c: (b.as_dict() if b else None) for c, b in calibration.best.items()},
+        "classifier_accuracy": accuracies,
     }
-    temperatures = temperature_study(model, profile, validation_batches, labels) if dataset.num_labels > 2 else {}
-    meta = {**meta, "calibrated": json.dumps(calibrated), "temperatures": json.dumps(temperatures)}
+    meta = {**meta, "calibration": json.dumps(summary)}
     _write_results(rows, out_dir / "results.csv", meta)
     _plot(rows, out_dir / "speed_accuracy.png", f"{dataset.name}: all-MiniLM-L6-v2 + FastBERT on {meta['device']}")
-    print(f"\nwrote {out_dir / 'results.csv'} and {out_dir / 'speed_accuracy.png'}")
+    _plot_calibration(calibration, out_dir / "calibration.png", f"{dataset.name}: exit criteria on validation")
+    print(f"\nwrote {out_dir / 'results.csv'}, {out_dir / 'speed_accuracy.png'} and {out_dir / 'calibration.png'}")
     return rows
-
-
-def temperature_study(model, profile, batches, labels) -> dict:
-    """Many classes keep the normalised entropy near 1: what the calibrated speed would be if the
-    students' logits were sharpened by a temperature before the exit decision (simulated)."""
-    results = {}
-    for temperature in STUDY_TEMPERATURES:
-        prof = profile if temperature == 1.0 else exit_profile(model, batches, temperature)
-        try:
-            speed, stats = choose_speed(prof, labels, model, max_accuracy_drop=MAX_ACCURACY_DROP)
-            results[temperature] = {"speed": speed, **stats}
-        except ValueError as err:
-            results[temperature] = {"error": str(err)}
-        print(f"temperature {temperature}: {results[temperature]}")
-    return results
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

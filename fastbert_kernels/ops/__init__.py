@@ -1,6 +1,7 @@
 """Ops of the adaptive forward pass, defined once (:mod:`.library`) and implemented per device.
 
-* :func:`exit_head`: FastBERT branch + softmax + normalised entropy + exit decision, fused.
+* :func:`exit_head`: FastBERT branch + softmax + the exit criterion (:data:`EXIT_CRITERIA`, with
+  an optional temperature) + the exit decision (with patience), fused.
 * :func:`compact`: gather the survivors of every per-sample tensor, trim the sequence axis.
 
 These wrappers check their inputs (with messages that name the problem) and call the registered
@@ -18,15 +19,18 @@ from . import backends, torch_kernels
 from .backends import BACKENDS, ENV_VAR, BackendUnavailableError, report, select_backend
 from .library import op
 from .sync_counter import host_read
-from .types import BranchWeights, Compacted, FoldedWeights
+from .types import EXIT_CRITERIA, BranchWeights, Compacted, ExitHeadOutput, FoldedWeights, check_exit_rule
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "EXIT_CRITERIA",
     "BackendUnavailableError",
     "BranchWeights",
     "Compacted",
+    "ExitHeadOutput",
     "FoldedWeights",
+    "check_exit_rule",
     "compact",
     "exit_head",
     "report",
@@ -57,8 +61,16 @@ def _dispatch_to(device: torch.device) -> None:
 
 
 def exit_head(
-    hidden: torch.Tensor, mask: torch.Tensor, weights: FoldedWeights, num_heads: int, speed: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    weights: FoldedWeights,
+    num_heads: int,
+    speed: float,
+    criterion: str = "entropy",
+    temperature: float = 1.0,
+    patience: int = 1,
+    streak: torch.Tensor | None = None,
+) -> ExitHeadOutput:
     """FastBERT exit head on the surviving rows of one layer (inference only).
 
     Args:
@@ -67,10 +79,17 @@ def exit_head(
         weights: the branch's folded weights (:meth:`BranchWeights.fold`; the branch module
             keeps them: :meth:`fastbert_kernels.BranchClassifier.folded_weights`).
         num_heads: heads of the branch attention (``R % num_heads == 0``).
-        speed: exit threshold in [0, 1].
+        speed: exit threshold in [0, 1]: a row is confident when its uncertainty is below it.
+        criterion: how logits become an uncertainty, one of :data:`EXIT_CRITERIA`.
+        temperature: ``T > 0``; the decision uses ``softmax(logits / T)`` (the returned logits are
+            not divided).
+        patience: a row exits when this many students in a row, this one included, were
+            confident and agreed on the argmax (1: when this one is confident).
+        streak: ``[N, 2]`` int64, the rows' state from the previous student's call (its
+            ``streak`` output, compacted with the rows), or None before the first student.
     Returns:
-        logits ``[N, C]`` float32; uncertainty ``u = -sum p log p / log C`` ``[N]`` float32;
-        exits ``[N]`` bool, ``u < speed``.
+        :class:`ExitHeadOutput`: logits ``[N, C]`` float32, uncertainty ``[N]`` float32,
+        exits ``[N]`` bool, streak ``[N, 2]`` int64 (``[argmax, confident agreeing students]``).
     Raises:
         ValueError for inputs that need gradients: the kernels are not differentiable; the branch
         module's forward is (:meth:`fastbert_kernels.BranchClassifier.exit_decision` picks it).
@@ -90,20 +109,40 @@ def exit_head(
     for name, tensor in zip(FoldedWeights._fields, weights, strict=True):
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    check_exit_rule(criterion, temperature, patience)
+    if streak is not None:
+        n = hidden.shape[0]
+        if streak.shape != (n, 2) or streak.dtype != torch.int64:
+            raise ValueError(f"streak must be int64 [N, 2] = [{n}, 2], got {streak.dtype} {tuple(streak.shape)}")
+        if streak.device != hidden.device:
+            raise ValueError(f"streak is on {streak.device} but hidden is on {hidden.device}")
     if torch.is_grad_enabled() and hidden.requires_grad:
         raise ValueError("exit_head is inference-only; for gradients use the branch module's forward")
-    return exit_head_unchecked(hidden, mask, weights, num_heads, speed)
+    return exit_head_unchecked(hidden, mask, weights, num_heads, speed, criterion, temperature, patience, streak)
 
 
 def exit_head_unchecked(
-    hidden: torch.Tensor, mask: torch.Tensor, weights: FoldedWeights, num_heads: int, speed: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    weights: FoldedWeights,
+    num_heads: int,
+    speed: float,
+    criterion: str = "entropy",
+    temperature: float = 1.0,
+    patience: int = 1,
+    streak: torch.Tensor | None = None,
+) -> ExitHeadOutput:
     """:func:`exit_head` without the Python-level checks, for callers whose inputs are valid by
     construction (the adaptive forward: its weights come from the branch, its hidden states from
-    the layer). The same op, the same route; at batch 1 the checks cost a visible share of a layer.
-    The compiled kernels still check everything (``TORCH_CHECK``)."""
+    the layer, its rule from the checked config). The same op, the same route; at batch 1 the
+    checks cost a visible share of a layer. The compiled kernels still check everything
+    (``TORCH_CHECK``)."""
     _dispatch_to(hidden.device)
-    return _EXIT_HEAD(hidden, mask, list(weights), num_heads, float(speed))
+    return ExitHeadOutput(
+        *_EXIT_HEAD(
+            hidden, mask, list(weights), num_heads, float(speed), criterion, float(temperature), patience, streak
+        )
+    )
 
 
 def compact(
@@ -148,7 +187,7 @@ def compact_unchecked(
         gathered = torch_kernels.compact_gather(hidden, mask, rows, index, count, length)
     else:
         gathered = _COMPACT_GATHER(hidden, mask, rows, index, count, length)
-    return Compacted(*gathered, padded=fewest < length, changed=True)
+    return Compacted(*gathered, padded=fewest < length, changed=True, kept=index[:count])
 
 
 # The op overloads, looked up once (torch.ops attribute lookups cost a microsecond or two each).

@@ -2,10 +2,13 @@
 
 Three ops in the ``fastbert`` namespace, each defined here once and implemented per device:
 
-* ``exit_head(Tensor hidden, Tensor mask, Tensor[] weights, int num_heads, float speed)``
-  ``-> (Tensor logits, Tensor uncertainty, Tensor exits)``: the fused branch classifier, softmax,
-  normalised entropy and exit decision over the folded weights (:class:`.types.FoldedWeights`, in
-  the order of its fields, which every language unpacks them in).
+* ``exit_head(Tensor hidden, Tensor mask, Tensor[] weights, int num_heads, float speed,``
+  ``str criterion="entropy", float temperature=1., int patience=1, Tensor? streak=None)``
+  ``-> (Tensor logits, Tensor uncertainty, Tensor exits, Tensor streak)``: the fused branch
+  classifier, softmax, the criterion's uncertainty (:data:`.types.EXIT_CRITERIA`, of logits / T)
+  and the exit decision with patience, over the folded weights (:class:`.types.FoldedWeights`, in
+  the order of its fields, which every language unpacks them in); ``streak [N, 2]`` is the rows'
+  patience state (:func:`.reference.update_streak`), in and out.
 * ``compact_plan(Tensor keep, Tensor mask, bool trim) -> (Tensor index, Tensor stats)``: which rows
   survive (``index[:count]``, in order; -1 after) and ``stats = [count, length, fewest]``: survivors, the
   sequence length they need, and the fewest real tokens of a survivor (``< length``: padding left).
@@ -35,8 +38,9 @@ NAMESPACE = "fastbert"
 
 SCHEMAS = {
     "exit_head": (
-        "exit_head(Tensor hidden, Tensor mask, Tensor[] weights, int num_heads, float speed) "
-        "-> (Tensor logits, Tensor uncertainty, Tensor exits)"
+        "exit_head(Tensor hidden, Tensor mask, Tensor[] weights, int num_heads, float speed, "
+        'str criterion="entropy", float temperature=1., int patience=1, Tensor? streak=None) '
+        "-> (Tensor logits, Tensor uncertainty, Tensor exits, Tensor streak)"
     ),
     "compact_plan": "compact_plan(Tensor keep, Tensor mask, bool trim) -> (Tensor index, Tensor stats)",
     "compact_gather": (
@@ -54,12 +58,23 @@ for _name in SCHEMAS:
 
 
 @torch.library.register_fake(f"{NAMESPACE}::exit_head")
-def _exit_head_fake(hidden: Tensor, mask: Tensor, weights: list[Tensor], num_heads: int, speed: float):
+def _exit_head_fake(
+    hidden: Tensor,
+    mask: Tensor,
+    weights: list[Tensor],
+    num_heads: int,
+    speed: float,
+    criterion: str = "entropy",
+    temperature: float = 1.0,
+    patience: int = 1,
+    streak: Tensor | None = None,
+):
     n, c = hidden.shape[0], FoldedWeights(*weights).b_cls.shape[0]
     return (
         hidden.new_empty((n, c), dtype=torch.float32),
         hidden.new_empty((n,), dtype=torch.float32),
         hidden.new_empty((n,), dtype=torch.bool),
+        hidden.new_empty((n, 2), dtype=torch.int64),
     )
 
 

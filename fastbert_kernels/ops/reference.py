@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .sync_counter import host_read
-from .types import BranchWeights
+from .types import EXIT_CRITERIA, BranchWeights, ExitHeadOutput
 
 
 def branch_logits(hidden: torch.Tensor, mask: torch.Tensor, weights: BranchWeights, num_heads: int) -> torch.Tensor:
@@ -62,21 +62,64 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=-1) / math.log(logits.shape[-1])
 
 
+def uncertainty(logits: torch.Tensor, criterion: str = "entropy", temperature: float = 1.0) -> torch.Tensor:
+    """The exit criterion's uncertainty of ``p = softmax(logits / temperature)``: ``[N, C]`` -> ``[N]``
+    float32 in [0, 1] (:data:`.types.EXIT_CRITERIA`):
+
+    * ``entropy``:  u = -sum_c p_c log p_c / log C
+    * ``max_prob``: u = 1 - p_top1
+    * ``margin``:   u = 1 - (p_top1 - p_top2)
+    """
+    scaled = logits.float() / temperature
+    if criterion == "entropy":
+        u = normalized_entropy(scaled)
+    elif criterion in ("max_prob", "margin"):
+        top = torch.softmax(scaled, dim=-1).topk(2, dim=-1).values
+        u = 1 - top[:, 0] if criterion == "max_prob" else 1 - (top[:, 0] - top[:, 1])
+    else:
+        raise ValueError(f"unknown exit criterion {criterion!r}; known: {', '.join(EXIT_CRITERIA)}")
+    return u.clamp(0.0, 1.0)
+
+
+def update_streak(
+    prediction: torch.Tensor,
+    uncertainty: torch.Tensor,
+    speed: float | torch.Tensor,
+    patience: int,
+    previous: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patience rule for one student's rows.
+
+    streak = 0 if u >= speed; else previous streak + 1 if the argmax equals the previous student's,
+    else 1. A row exits when streak >= patience (patience 1: u < speed). ``speed`` may be a float
+    or one per row ``[N]``; ``previous`` is ``[N, 2]`` = [argmax, streak] after the last student,
+    or None before the first. Returns exits ``[N]`` bool and the new state ``[N, 2]`` int64.
+    """
+    confident = uncertainty < speed
+    streak = torch.ones_like(prediction)
+    if previous is not None:
+        streak = torch.where(previous[:, 0] == prediction, previous[:, 1] + 1, streak)
+    streak = torch.where(confident, streak, 0)
+    return streak >= patience, torch.stack([prediction, streak], dim=1)
+
+
 def exit_head(
     hidden: torch.Tensor,
     mask: torch.Tensor,
     weights: BranchWeights,
     num_heads: int,
     speed: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Branch + softmax + normalised entropy + exit decision.
-
-    Returns:
-        logits ``[N, C]`` float32, uncertainty ``[N]`` float32, exits ``[N]`` bool (``u < speed``).
-    """
+    criterion: str = "entropy",
+    temperature: float = 1.0,
+    patience: int = 1,
+    streak: torch.Tensor | None = None,
+) -> ExitHeadOutput:
+    """Branch + softmax + the criterion's uncertainty (of logits / temperature) + the exit decision
+    (:func:`update_streak`); the logits are returned undivided."""
     logits = branch_logits(hidden, mask, weights, num_heads)
-    uncertainty = normalized_entropy(logits)
-    return logits, uncertainty, uncertainty < speed
+    u = uncertainty(logits, criterion, temperature)
+    exits, new_streak = update_streak(logits.argmax(dim=-1), u, speed, patience, streak)
+    return ExitHeadOutput(logits, u, exits, new_streak)
 
 
 def compact(

@@ -12,14 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import normalized_entropy
+from .reference import uncertainty, update_streak
 from .types import FoldedWeights
 
 
 def exit_head(
-    hidden: Tensor, mask: Tensor, weights: list[Tensor], num_heads: int, speed: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """hidden ``[N, S, H]``, mask ``[N, S]``, folded weights -> logits ``[N, C]``, u ``[N]``, exits ``[N]``.
+    hidden: Tensor,
+    mask: Tensor,
+    weights: list[Tensor],
+    num_heads: int,
+    speed: float,
+    criterion: str = "entropy",
+    temperature: float = 1.0,
+    patience: int = 1,
+    streak: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """hidden ``[N, S, H]``, mask ``[N, S]``, folded weights -> logits ``[N, C]``, u ``[N]``,
+    exits ``[N]``, streak ``[N, 2]`` (the exit rule: :func:`.reference.update_streak`).
 
     z = tanh(W_in x + b_in) ``[N, S, R]``; per head j: q'_j = W_qk,j z_0 + b_qk,j, a_j = softmax_s(z_s . q'_j)
     over real tokens, zbar_j = sum_s a_{s,j} z_s; logits = W_cls tanh(W_pool (W_ov zbar + b_ov) + b_pool) + b_cls.
@@ -33,8 +42,9 @@ def exit_head(
     zbar = torch.einsum("njs,nsr->njr", torch.softmax(scores, dim=-1), z).reshape(n, num_heads * r)
     pooled = torch.tanh(F.linear(F.linear(zbar, w.w_ov, w.b_ov), w.w_pool, w.b_pool))
     logits = F.linear(pooled, w.w_cls, w.b_cls)
-    uncertainty = normalized_entropy(logits)
-    return logits, uncertainty, uncertainty < speed
+    u = uncertainty(logits, criterion, temperature)
+    exits, new_streak = update_streak(logits.argmax(dim=-1), u, speed, patience, streak)
+    return logits, u, exits, new_streak
 
 
 def compact_plan(keep: Tensor, mask: Tensor, trim: bool) -> tuple[Tensor, Tensor]:

@@ -96,11 +96,14 @@ def compile_all(r: int = 128, c: int = 77) -> list[dict]:
     * ``grid``: every (R, C) of :data:`SIZE_GRID` in bfloat16, for shared memory against each
       capability's limit;
     * ``ones``: each integer parameter of each kernel compiled at the value 1 (as Triton's JIT
-      specialises it), for sm_90.
+      specialises it), for sm_90;
+    * ``criteria``: the exit tail for every exit criterion, with and without a patience state,
+      for sm_90.
     """
     import torch
 
     from . import triton_backend
+    from .types import EXIT_CRITERIA
 
     rows = []
     for dtype_name in DTYPES:
@@ -122,6 +125,12 @@ def compile_all(r: int = 128, c: int = 77) -> list[dict]:
                     rows.append(
                         _compile_row(name, one, 90, False, set="ones", dtype="float32", one=parameter, trim=trim)
                     )
+    for criterion in EXIT_CRITERIA:
+        for with_streak in (False, True):
+            spec = triton_backend.aot_specs(r=r, c=c, criterion=criterion, with_streak=with_streak)["exit_tail"]
+            rows.append(
+                _compile_row("exit_tail", spec, 90, False, set="criteria", criterion=criterion, streak=with_streak)
+            )
     return rows
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from .sync_counter import counted_launch
-from .types import BranchWeights, FoldedWeights
+from .types import EXIT_CRITERIA, BranchWeights, FoldedWeights
 
 try:
     import triton
@@ -109,9 +109,21 @@ def _launch(kernel, grid: tuple[int, ...], device: torch.device, *args, num_warp
 
 
 def exit_head(
-    hidden: torch.Tensor, mask: torch.Tensor, weights: list[torch.Tensor], num_heads: int, speed: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    weights: list[torch.Tensor],
+    num_heads: int,
+    speed: float,
+    criterion: str = "entropy",
+    temperature: float = 1.0,
+    patience: int = 1,
+    streak: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``fastbert::exit_head`` op on Triton: the vendor GEMM, then three kernels."""
+    if criterion not in EXIT_CRITERIA:
+        raise ValueError(f"unknown exit criterion {criterion!r}; known: {', '.join(EXIT_CRITERIA)}")
+    if not (math.isfinite(temperature) and temperature > 0) or patience < 1:
+        raise ValueError(f"temperature must be positive and finite and patience >= 1, got {temperature}, {patience}")
     w = FoldedWeights(*weights)
     hidden = hidden.contiguous()
     n, s, h = hidden.shape
@@ -121,8 +133,15 @@ def exit_head(
     logits = torch.empty(n, c, dtype=torch.float32, device=device)
     uncertainty = torch.empty(n, dtype=torch.float32, device=device)
     exits = torch.empty(n, dtype=torch.bool, device=device)
+    new_streak = torch.empty(n, 2, dtype=torch.int64, device=device)
     if n == 0:
-        return logits, uncertainty, exits
+        return logits, uncertainty, exits, new_streak
+    if streak is not None:
+        if streak.shape != (n, 2) or streak.dtype != torch.int64 or streak.device != device:
+            raise ValueError(
+                f"streak must be int64 [N, 2] = [{n}, 2] on {device}, got {streak.dtype} {tuple(streak.shape)}"
+            )
+        streak = streak.contiguous()
     cfg = ExitHeadConfig.for_width(r)
     projected = hidden.reshape(n * s, h) @ w.w_in.T  # the vendor GEMM, in hidden's dtype
     mask = mask.contiguous()
@@ -175,9 +194,11 @@ def exit_head(
         w.w_cls,
         w.b_cls,
         tail,
+        new_streak if streak is None else streak,  # not read without HAS_STREAK
         logits,
         uncertainty,
         exits.view(torch.int8),
+        new_streak,
         n,
         r,
         qk,
@@ -185,12 +206,16 @@ def exit_head(
         stride,
         math.log(c),
         float(speed),
+        1.0 / temperature,
+        patience,
+        CRITERION=EXIT_CRITERIA.index(criterion),
+        HAS_STREAK=streak is not None,
         BLOCK_N=cfg.block_n,
         BLOCK_J=cfg.block_j,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.tail_warps,
     )
-    return logits, uncertainty, exits
+    return logits, uncertainty, exits, new_streak
 
 
 def compact_plan(keep: torch.Tensor, mask: torch.Tensor, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,9 +330,17 @@ def integer_parameters(spec: AotSpec) -> list[str]:
     return [name for name, kind in spec.signature.items() if kind in ("i32", "i64")]
 
 
-def aot_specs(dtype: torch.dtype = torch.float32, r: int = 128, c: int = 2, trim: bool = True) -> dict[str, AotSpec]:
+def aot_specs(
+    dtype: torch.dtype = torch.float32,
+    r: int = 128,
+    c: int = 2,
+    trim: bool = True,
+    criterion: str = "entropy",
+    with_streak: bool = False,
+) -> dict[str, AotSpec]:
     """Every kernel with the signature and constexprs the launchers above use for hidden states of
-    ``dtype``, branch width ``r`` and ``c`` classes (``{name: AotSpec}``, for :func:`aot_compile`).
+    ``dtype``, branch width ``r``, ``c`` classes, the exit ``criterion`` and, ``with_streak``, a
+    patience state from the previous student (``{name: AotSpec}``, for :func:`aot_compile`).
     Derived by running the launchers on small CPU tensors with launches recorded, not restated."""
     n, s, h, heads = 3, 5, 16, 2
     hidden = torch.zeros(n, s, h, dtype=dtype)
@@ -315,7 +348,8 @@ def aot_specs(dtype: torch.dtype = torch.float32, r: int = 128, c: int = 2, trim
     weights = BranchWeights(*(torch.zeros(shape) for shape in BranchWeights.shapes(h, r, c))).fold(heads, dtype)
     rows, keep = torch.arange(n), torch.tensor([True, False, True])
     with recording() as launches:
-        exit_head(hidden, mask, list(weights), heads, 0.5)
+        streak = torch.zeros(n, 2, dtype=torch.int64) if with_streak else None
+        exit_head(hidden, mask, list(weights), heads, 0.5, criterion, 1.0, 2 if with_streak else 1, streak)
         index, _ = compact_plan(keep, mask, trim)
         compact_gather(hidden, mask, rows, index, 2, s)
     names = ("cls_query", "cls_attention", "exit_tail", "compact_plan", "compact_gather")

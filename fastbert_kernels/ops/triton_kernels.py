@@ -4,7 +4,8 @@ Exit head, after the vendor GEMM ``a = x W_in^T`` (``[N, S, R]``, hidden's dtype
   1. ``_cls_query_kernel``     q'_j = W_qk,j tanh(a_0 + b_in) + b_qk,j           grid (N, QK / BLOCK_O)
   2. ``_cls_attention_kernel`` zbar_j = softmax_s(z_s . q'_j) z_s, online over S   grid (N, heads)
   3. ``_exit_tail_kernel``     out = W_ov zbar + b_ov; logits = W_cls tanh(W_pool out + b_pool) + b_cls;
-                               online softmax, normalised entropy, exit decision  grid (N / BLOCK_N)
+                               online softmax and top-2, the criterion's uncertainty,
+                               patience, exit decision                           grid (N / BLOCK_N)
                                (tiled over R and C: any branch width, any class count)
 Compaction: ``_compact_plan_kernel`` (one program: ordered prefix sum of the keep flags, longest
 kept row, fewest real tokens), then ``_compact_gather_kernel`` (one program per kept row and
@@ -19,6 +20,13 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .types import EXIT_CRITERIA
+
+# The criteria as the kernel's CRITERION constexpr: positions in EXIT_CRITERIA, the names' one list.
+ENTROPY = tl.constexpr(EXIT_CRITERIA.index("entropy"))
+MAX_PROB = tl.constexpr(EXIT_CRITERIA.index("max_prob"))
+MARGIN = tl.constexpr(EXIT_CRITERIA.index("margin"))
 
 
 @triton.jit
@@ -135,9 +143,11 @@ def _exit_tail_kernel(
     w_cls_ptr,
     b_cls_ptr,
     scratch_ptr,
+    streak_in_ptr,
     logits_ptr,
     uncertainty_ptr,
     exits_ptr,
+    streak_out_ptr,
     N,
     R,
     QK,
@@ -145,6 +155,10 @@ def _exit_tail_kernel(
     ROW_STRIDE,
     log_classes,
     speed,
+    inv_temperature,
+    patience,
+    CRITERION: tl.constexpr,
+    HAS_STREAK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -173,11 +187,14 @@ def _exit_tail_kernel(
             scratch_ptr + R + rows64[:, None] * ROW_STRIDE + j[None, :], pooled, mask=rows_ok[:, None] & j_ok[None, :]
         )
     tl.debug_barrier()
-    # logits = pooled W_cls^T + b_cls, tile by tile over the classes, with an online softmax
-    # entropy: for e_c = exp(l_c - m), S = sum e_c and A = sum e_c (l_c - m),
-    #   H = -sum p log p = log S - A / S,
-    # and a new running max m' rescales S and A by exp(m - m') (A also gains (m - m') S).
+    # logits = pooled W_cls^T + b_cls, tile by tile over the classes. The decision works on
+    # x = logits / T, with online statistics: the top two x (and the first argmax), and for
+    # e_c = exp(x_c - m), S = sum e_c and A = sum e_c (x_c - m), so that
+    #   p_top1 = 1 / S,  p_top1 - p_top2 = (1 - exp(x_top2 - x_top1)) / S,  H = log S - A / S;
+    # a new running max m' rescales S and A by exp(m - m') (A also gains (m - m') S).
     running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    second = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    argmax = tl.zeros([BLOCK_N], dtype=tl.int32)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     weighted = tl.zeros([BLOCK_N], dtype=tl.float32)
     for c_start in range(0, C, BLOCK_J):
@@ -188,19 +205,43 @@ def _exit_tail_kernel(
         )
         logits += tl.load(b_cls_ptr + c, mask=c_ok, other=0.0)[None, :]
         tl.store(logits_ptr + rows64[:, None] * C + c[None, :], logits, mask=rows_ok[:, None] & c_ok[None, :])
-        masked = tl.where(c_ok[None, :], logits, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(masked, axis=1))
+        masked = tl.where(c_ok[None, :], logits * inv_temperature, float("-inf"))
+        tile_max = tl.max(masked, axis=1)
+        # The tile's first argmax and its runner-up (a tie for first counts as the runner-up).
+        tile_argmax = tl.min(tl.where(masked == tile_max[:, None], c[None, :], C), axis=1)
+        tile_second = tl.max(tl.where(c[None, :] == tile_argmax[:, None], float("-inf"), masked), axis=1)
+        # Tiles arrive in class order, so on a tie the running (earlier) argmax stays.
+        better = tile_max > running_max
+        second = tl.where(better, tl.maximum(running_max, tile_second), tl.maximum(second, tile_max))
+        argmax = tl.where(better, tile_argmax, argmax)
+        new_max = tl.maximum(running_max, tile_max)
         # First tile: total = 0, so the (-inf) shift must not reach the arithmetic (0 * inf).
         shift = tl.where(total > 0, running_max - new_max, 0.0)
         scale = tl.exp(shift)
-        centred = tl.where(c_ok[None, :], logits - new_max[:, None], 0.0)
+        centred = tl.where(c_ok[None, :], masked - new_max[:, None], 0.0)
         e = tl.where(c_ok[None, :], tl.exp(centred), 0.0)
         weighted = scale * (weighted + shift * total) + tl.sum(e * centred, axis=1)
         total = scale * total + tl.sum(e, axis=1)
         running_max = new_max
-    uncertainty = (tl.log(total) - weighted / total) / log_classes
+    if CRITERION == MAX_PROB:
+        uncertainty = 1.0 - 1.0 / total
+    elif CRITERION == MARGIN:
+        uncertainty = 1.0 - (1.0 - tl.exp(second - running_max)) / total
+    else:
+        uncertainty = (tl.log(total) - weighted / total) / log_classes
+    uncertainty = tl.minimum(tl.maximum(uncertainty, 0.0), 1.0)
+    # Patience: how many students in a row were confident and agreed (fastbert/exit_rule.h).
+    argmax64 = argmax.to(tl.int64)
+    streak = tl.full([BLOCK_N], 1, tl.int64)
+    if HAS_STREAK:
+        previous_argmax = tl.load(streak_in_ptr + 2 * rows64, mask=rows_ok, other=-1)
+        previous_streak = tl.load(streak_in_ptr + 2 * rows64 + 1, mask=rows_ok, other=0)
+        streak = tl.where(previous_argmax == argmax64, previous_streak + 1, streak)
+    streak = tl.where(uncertainty < speed, streak, 0)
     tl.store(uncertainty_ptr + rows64, uncertainty, mask=rows_ok)
-    tl.store(exits_ptr + rows64, (uncertainty < speed).to(tl.int8), mask=rows_ok)
+    tl.store(exits_ptr + rows64, (streak >= patience).to(tl.int8), mask=rows_ok)
+    tl.store(streak_out_ptr + 2 * rows64, argmax64, mask=rows_ok)
+    tl.store(streak_out_ptr + 2 * rows64 + 1, streak, mask=rows_ok)
 
 
 @triton.jit

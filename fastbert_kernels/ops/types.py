@@ -2,7 +2,8 @@
 
 The order of :class:`FoldedWeights`' fields is the order of the exit-head op's ``weights`` list in
 every language: C++ and CUDA expand one list of the same names (``csrc/include/fastbert/
-folded_weights.h``), which a test compares with these fields through the extension's build info."""
+folded_weights.h``), which a test compares with these fields through the extension's build info.
+:data:`EXIT_CRITERIA` is the same for the exit criteria (``csrc/include/fastbert/exit_rule.h``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,43 @@ import math
 from typing import NamedTuple
 
 import torch
+
+# The exit criteria, by the names the op takes; each maps a branch's p = softmax(logits / T) to an
+# uncertainty u in [0, 1], and a row is confident when u < speed:
+#   entropy   u = -sum_c p_c log p_c / log C   (FastBERT's, the default)
+#   max_prob  u = 1 - p_top1                   (softmax response)
+#   margin    u = 1 - (p_top1 - p_top2)
+EXIT_CRITERIA: tuple[str, ...] = ("entropy", "max_prob", "margin")
+
+
+def check_exit_rule(criterion: str, temperature: float, patience: int) -> None:
+    """A ``ValueError``/``TypeError`` that names the problem unless ``criterion`` is one of
+    :data:`EXIT_CRITERIA`, ``temperature`` a positive finite number and ``patience`` an int >= 1."""
+    if criterion not in EXIT_CRITERIA:
+        raise ValueError(f"unknown exit criterion {criterion!r}; known: {', '.join(EXIT_CRITERIA)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if isinstance(patience, bool) or not isinstance(patience, int):
+        raise TypeError(f"patience must be an int, got {type(patience).__name__}")
+    if patience < 1:
+        raise ValueError(f"patience must be at least 1, got {patience}")
+
+
+class ExitHeadOutput(NamedTuple):
+    """What the exit head returns for N rows.
+
+    logits ``[N, C]`` float32 (never divided by the temperature); uncertainty ``[N]`` float32, the
+    criterion's, of ``softmax(logits / T)``; exits ``[N]`` bool; streak ``[N, 2]`` int64, each
+    row's patience state after this student: ``[argmax, how many students in a row up to this one
+    were confident and agreed on it]`` (pass it to the next layer's call, compacted with the rows).
+    """
+
+    logits: torch.Tensor
+    uncertainty: torch.Tensor
+    exits: torch.Tensor
+    streak: torch.Tensor
 
 
 class BranchWeights(NamedTuple):
@@ -108,6 +146,7 @@ class Compacted(NamedTuple):
     attention mask).
     changed: False when every row was kept and nothing was trimmed; the tensors are then the
     inputs themselves, and a caller may keep whatever it derived from them (the layer mask).
+    kept: ``[M]`` int64, the kept rows' positions in the input (None when ``changed`` is False).
     """
 
     hidden: torch.Tensor
@@ -115,3 +154,8 @@ class Compacted(NamedTuple):
     rows: torch.Tensor
     padded: bool
     changed: bool
+    kept: torch.Tensor | None = None
+
+    def carry(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The kept rows of another per-row tensor ``[N, ...]`` (the patience state), in order."""
+        return tensor if self.kept is None else tensor.index_select(0, self.kept)

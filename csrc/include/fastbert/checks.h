@@ -4,9 +4,12 @@
 
 #include <torch/types.h>
 
+#include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "fastbert/exit_rule.h"
 #include "fastbert/folded_weights.h"
 
 namespace fastbert {
@@ -117,6 +120,31 @@ inline void check_gather(const at::Tensor& hidden, const at::Tensor& rows, const
   }
   TORCH_CHECK(count >= 0 && count <= n, "count must be in [0, ", n, "], got ", count);
   TORCH_CHECK(length >= 0 && length <= hidden.size(1), "length must be in [0, ", hidden.size(1), "], got ", length);
+}
+
+// The exit rule from the op's arguments, checked: a known criterion (by name), T > 0 finite,
+// speed in [0, 1], patience >= 1, and the streak state [N, 2] int64 on hidden's device if given.
+inline FastbertExitRule check_exit_rule(const at::Tensor& hidden, double speed, c10::string_view criterion,
+                                        double temperature, int64_t patience,
+                                        const std::optional<at::Tensor>& streak) {
+  int index = -1;
+  int i = 0;
+#define FASTBERT_MATCH_CRITERION(name) \
+  if (criterion == #name) index = i;   \
+  ++i;
+  FASTBERT_EXIT_CRITERIA(FASTBERT_MATCH_CRITERION)
+#undef FASTBERT_MATCH_CRITERION
+  TORCH_CHECK(index >= 0, "unknown exit criterion '", std::string(criterion), "'; known: ", kExitCriterionNames);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be positive and finite, got ",
+              temperature);
+  TORCH_CHECK(speed >= 0 && speed <= 1, "speed must be in [0, 1], got ", speed);
+  TORCH_CHECK(patience >= 1, "patience must be at least 1, got ", patience);
+  if (streak.has_value()) {
+    check_dtype(*streak, at::kLong, "streak");
+    check_shape(*streak, {hidden.size(0), 2}, "streak");
+    check_same_device(*streak, hidden, "streak");
+  }
+  return FastbertExitRule{index, static_cast<float>(1.0 / temperature), static_cast<float>(speed), patience};
 }
 
 }  // namespace fastbert

@@ -8,11 +8,14 @@
 //   zbar_j = sum_s a_{s,j} z_s
 //   o      = W_ov concat_j(zbar_j) + b_ov
 //   logits = W_cls tanh(W_pool o + b_pool) + b_cls
-//   u      = -sum_c p_c log p_c / log C,  exit = u < speed
+//   u      = the criterion's uncertainty of softmax(logits / T)      (fastbert/exit_rule.h)
+//   exit   = the last `patience` students were confident (u < speed) and agreed on the argmax
 #pragma once
 
 #include <math.h>
 #include <stdint.h>
+
+#include "fastbert/exit_rule.h"
 
 #if defined(__CUDACC__)
 #define FB_HOST_DEVICE __host__ __device__ __forceinline__
@@ -76,22 +79,81 @@ FB_HOST_DEVICE OnlineSoftmax online_softmax_merge(OnlineSoftmax a, OnlineSoftmax
   return OnlineSoftmax{new_max, a.denominator * (*scale_a) + b.denominator * (*scale_b)};
 }
 
-// u = -sum_c p_c log p_c / log C for p = softmax(logits); stable for any logits.
-FB_HOST_DEVICE float normalized_entropy(const float* logits, int64_t num_classes) {
-  float max_logit = -INFINITY;
-  for (int64_t c = 0; c < num_classes; ++c) max_logit = fmaxf(max_logit, logits[c]);
-  float sum = 0.f;
-  for (int64_t c = 0; c < num_classes; ++c) sum += expf(logits[c] - max_logit);
-  const float log_sum = logf(sum);
-  float entropy = 0.f;
-  for (int64_t c = 0; c < num_classes; ++c) {
-    const float log_p = logits[c] - max_logit - log_sum;
-    entropy -= expf(log_p) * log_p;
+// What every criterion needs from one row's logits l (C >= 2), with x_c = l_c / T:
+//   top1, top2   the largest and second-largest raw logit (top2 = top1 on a tie), argmax the
+//                first index of top1 (torch.argmax's choice);
+//   sum      S = sum_c exp(x_c - x_top1)               (so p_top1 = 1 / S)
+//   weighted A = sum_c exp(x_c - x_top1) (x_c - x_top1)  (so H(p) = log S - A / S)
+struct ExitMoments {
+  float top1;
+  float top2;
+  int64_t argmax;
+  float sum;
+  float weighted;
+};
+
+// Folds one more logit into a running (top1, argmax, top2); indices must arrive in increasing
+// order within each partial (the CUDA warp merge keeps the smaller index on ties).
+FB_HOST_DEVICE void top2_update(float value, int64_t index, float* top1, int64_t* argmax, float* top2) {
+  if (value > *top1) {
+    *top2 = *top1;
+    *top1 = value;
+    *argmax = index;
+  } else if (value > *top2) {
+    *top2 = value;
   }
-  return entropy / logf(static_cast<float>(num_classes));
 }
 
-// The exit rule of FastBERT: leave when the branch is confident enough.
-FB_HOST_DEVICE bool should_exit(float uncertainty, float speed) { return uncertainty < speed; }
+// Merges two running (top1, argmax, top2); ties keep the smaller index.
+FB_HOST_DEVICE void top2_merge(float b1, int64_t bi, float b2, float* top1, int64_t* argmax, float* top2) {
+  if (b1 > *top1 || (b1 == *top1 && bi < *argmax)) {
+    *top2 = fmaxf(*top1, b2);
+    *top1 = b1;
+    *argmax = bi;
+  } else {
+    *top2 = fmaxf(*top2, b1);
+  }
+}
+
+// Adds logit l's terms to (sum, weighted), given the row's top1 and 1/T.
+FB_HOST_DEVICE void softmax_moments_add(float logit, float top1, float inv_temperature, float* sum, float* weighted) {
+  const float centred = (logit - top1) * inv_temperature;
+  const float e = expf(centred);
+  *sum += e;
+  *weighted += e * centred;
+}
+
+// The moments of one row's logits, in two passes (the CPU kernel; CUDA splits them over a warp).
+FB_HOST_DEVICE ExitMoments exit_moments(const float* logits, int64_t num_classes, float inv_temperature) {
+  ExitMoments m{-INFINITY, -INFINITY, 0, 0.f, 0.f};
+  for (int64_t c = 0; c < num_classes; ++c) top2_update(logits[c], c, &m.top1, &m.argmax, &m.top2);
+  for (int64_t c = 0; c < num_classes; ++c) softmax_moments_add(logits[c], m.top1, inv_temperature, &m.sum, &m.weighted);
+  return m;
+}
+
+// The criterion's uncertainty in [0, 1] from the moments (see fastbert/exit_rule.h).
+FB_HOST_DEVICE float exit_uncertainty(const ExitMoments& m, int criterion, int64_t num_classes, float inv_temperature) {
+  float u;
+  if (criterion == FASTBERT_EXIT_max_prob) {
+    u = 1.f - 1.f / m.sum;
+  } else if (criterion == FASTBERT_EXIT_margin) {
+    u = 1.f - (1.f - expf((m.top2 - m.top1) * inv_temperature)) / m.sum;
+  } else {
+    u = (logf(m.sum) - m.weighted / m.sum) / logf(static_cast<float>(num_classes));
+  }
+  return fminf(fmaxf(u, 0.f), 1.f);  // rounding may leave the formulas a hair outside
+}
+
+// The patience rule for one row. `previous` is the row's state after the last student, or null
+// before the first: {argmax, streak}, streak = how many students in a row up to it were confident
+// and agreed. Writes this student's state to `next` and returns whether the row leaves.
+FB_HOST_DEVICE bool update_streak(int64_t argmax, float uncertainty, const FastbertExitRule& rule,
+                                  const int64_t* previous, int64_t* next) {
+  int64_t streak = 0;
+  if (uncertainty < rule.speed) streak = (previous != nullptr && previous[0] == argmax) ? previous[1] + 1 : 1;
+  next[0] = argmax;
+  next[1] = streak;
+  return streak >= rule.patience;
+}
 
 }  // namespace fastbert

@@ -68,7 +68,7 @@ def study(args: argparse.Namespace) -> list[dict]:
             per_criterion[criterion] = {
                 "validation": best.as_dict(),
                 "test_accuracy": float((predicted == labels["test"]).float().mean()),
-                "test_ideal_speedup": table.speedup(layers),
+                "test_ideal_speedup": table.speedup(layers, with_branches=best.speed > 0),
             }
         row = {
             "recipe": recipe,

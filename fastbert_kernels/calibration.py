@@ -111,17 +111,25 @@ def exit_profile(model, batches: list[Batch]) -> ExitProfile:
 
 class FlopsTable:
     """The FLOPs of every sample of a profile at every exit layer, so that the ideal speed-up of
-    an exit rule is one gather: full ``[N]``, adaptive ``[L, N]``."""
+    an exit rule is one gather: ``full [N]``, and ``adaptive [L, N]`` with or without the branches
+    (speed 0 runs none)."""
 
     def __init__(self, model, seq_lengths: torch.Tensor, with_branches: bool = True, fused: bool = False) -> None:
-        c = model.config
-        settings = fastbert_config(model)
-        seqs = seq_lengths.tolist()
+        self._config, self._settings = model.config, fastbert_config(model)
+        self._seqs, self._fused = seq_lengths.tolist(), fused
+        c = self._config
         self.full = torch.tensor(
-            [flops.model_flops(c.num_hidden_layers, c.hidden_size, c.intermediate_size, s, c.num_labels) for s in seqs],
+            [
+                flops.model_flops(c.num_hidden_layers, c.hidden_size, c.intermediate_size, s, c.num_labels)
+                for s in self._seqs
+            ],
             dtype=torch.float64,
         )
-        self.adaptive = torch.tensor(
+        self._adaptive = {with_branches: self._table(with_branches)}
+
+    def _table(self, with_branches: bool) -> torch.Tensor:
+        c, settings = self._config, self._settings
+        return torch.tensor(
             [
                 [
                     flops.adaptive_flops(
@@ -133,19 +141,21 @@ class FlopsTable:
                         c.num_labels,
                         settings.branch_size,
                         with_branches,
-                        fused,
+                        self._fused,
                         settings.branch_heads,
                     )
-                    for s in seqs
+                    for s in self._seqs
                 ]
                 for layer in range(1, c.num_hidden_layers + 1)
             ],
             dtype=torch.float64,
         )
 
-    def speedup(self, exit_layers: torch.Tensor) -> float:
+    def speedup(self, exit_layers: torch.Tensor, with_branches: bool = True) -> float:
         """Full FLOPs / adaptive FLOPs when the samples leave after ``exit_layers [N]`` (1-based)."""
-        spent = self.adaptive.gather(0, (exit_layers - 1)[None, :]).sum()
+        if with_branches not in self._adaptive:
+            self._adaptive[with_branches] = self._table(with_branches)
+        spent = self._adaptive[with_branches].gather(0, (exit_layers - 1)[None, :]).sum()
         return float(self.full.sum() / spent)
 
 
@@ -155,7 +165,7 @@ def flops_speedup(
     """Full model FLOPs / adaptive FLOPs, each sample at ``seq_lengths`` tokens; branches counted as
     the paper does, or (``fused``) as the fused kernel runs them; ``with_branches=False`` for speed
     0, where no branch runs."""
-    return FlopsTable(model, seq_lengths, with_branches, fused).speedup(exit_layers)
+    return FlopsTable(model, seq_lengths, with_branches, fused).speedup(exit_layers, with_branches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +208,9 @@ def sweep(
         layers = profile.exit_layers(speed, criterion, temperature, patience)
         predicted = profile.prediction.gather(1, (layers - 1)[:, None]).squeeze(1)
         accuracy = float((predicted == labels).float().mean())
-        rows.append(ExitSetting(criterion, float(temperature), patience, float(speed), accuracy, table.speedup(layers)))
+        # Speed 0 runs no branch at all (the unpatched computation).
+        speedup = table.speedup(layers, with_branches=speed > 0)
+        rows.append(ExitSetting(criterion, float(temperature), patience, float(speed), accuracy, speedup))
     return rows
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_batch, spread_branches, tiny_model
+from helpers import random_batch, rig_student, spread_branches, tiny_model
 
 import fastbert_kernels as fbk
 from fastbert_kernels import flops
@@ -132,3 +132,125 @@ def test_csv_problems_are_one_line_errors(tmp_path, capsys):
         assert main(["demo", "--data", str(tmp_path / f"{name}.csv"), "--cache-dir", str(tmp_path / "c")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+RULES = [("entropy", 1.0, 1), ("max_prob", 0.5, 1), ("margin", 1.0, 2), ("entropy", 0.5, 3), ("max_prob", 2.0, 2)]
+
+
+@pytest.mark.parametrize("criterion,temperature,patience", RULES)
+def test_exit_profile_predicts_the_real_forward_under_every_rule(backend, device, criterion, temperature, patience):
+    """The profile's simulation of a rule equals the adaptive forward running it (patience state
+    carried through compaction), except for rows within float noise of the threshold."""
+    model = fbk.patch(
+        tiny_model("bert", layers=6, device=device),
+        exit_criterion=criterion,
+        exit_temperature=temperature,
+        exit_patience=patience,
+    )
+    spread_branches(model)
+    batches = [random_batch(16, 19, device=device) for _ in range(2)]
+    profile = exit_profile(model, batches)
+    u = profile.uncertainty(criterion, temperature)[:, :-1]
+    with torch.no_grad():
+        for speed in (0.2, 0.5, 0.8, 1.0):
+            outs = [model(**b, speed=speed) for b in batches]
+            real = torch.cat([o.exit_layer for o in outs]).cpu()
+            predicted = profile.exit_layers(speed, criterion, temperature, patience)
+            close = (u - speed).abs().min(1).values < 1e-4
+            assert torch.equal(real[~close], predicted[~close]), speed
+            answers = torch.cat([o.logits for o in outs]).argmax(-1).cpu()
+            assert torch.equal(answers[~close], profile.predictions(speed, criterion, temperature, patience)[~close])
+            if patience > 1 and speed == 1.0:  # every student confident: nobody leaves before `patience`
+                assert (real >= patience).all()
+
+
+def test_patience_counts_confident_students_that_agree(backend, device):
+    model = fbk.patch(tiny_model("bert", layers=5, device=device), exit_patience=2)
+    for layer in (1, 2, 3, 4):
+        rig_student(model, layer, confident=True)  # every student sure of class 0
+    batch = random_batch(6, 9, device=device)
+    with torch.no_grad():
+        assert (model(**batch, speed=0.5).exit_layer == 2).all()
+        fbk.fastbert_config(model).exit_patience = 3
+        assert (model(**batch, speed=0.5).exit_layer == 3).all()
+        # Student 2 sure of another class: the streak restarts there (1, 1, 1, 2): students 3 and 4
+        # agree, so the rows leave at layer 4; with patience 3 they reach the teacher.
+        fbk.fastbert_config(model).exit_patience = 2
+        fbk.students(model)[1].classifier.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
+        assert (model(**batch, speed=0.5).exit_layer == 4).all()
+        fbk.fastbert_config(model).exit_patience = 3
+        assert (model(**batch, speed=0.5).exit_layer == 5).all()
+        # An unsure student 2 breaks the streak as well (1, 0, 1, 2).
+        fbk.fastbert_config(model).exit_patience = 2
+        rig_student(model, 2, confident=False)
+        assert (model(**batch, speed=0.5).exit_layer == 4).all()
+
+
+def test_calibrate_picks_the_fastest_rule_within_budget_and_applies_it():
+    model = fbk.patch(tiny_model("bert", hidden=64, layers=6), branch_size=16)
+    spread_branches(model)
+    batches = [random_batch(32, 15) for _ in range(2)]
+    profile = exit_profile(model, batches)
+    labels = profile.prediction[:, -1].clone()  # the teacher is right by construction
+    labels[:3] = (labels[:3] + 1) % 3  # ... except on three rows, so the teacher scores < 100%
+    before = fbk.fastbert_config(model).exit_rule
+    found = fbk.calibrate(model, profile, labels, max_accuracy_drop=0.05, apply=False)
+    assert fbk.fastbert_config(model).exit_rule == before  # apply=False leaves the model alone
+    budget = found.teacher_accuracy - 0.05
+    every = [s for curve in found.curves.values() for s in curve]
+    assert {(c, t, k) for c, t, k in found.curves} == {
+        (c, t, k) for c in fbk.ops.EXIT_CRITERIA for t in (1.0, 0.5, 0.25) for k in (1, 2, 3)
+    }
+    chosen = found.chosen
+    assert chosen.accuracy >= budget
+    assert chosen.speedup == pytest.approx(max(s.speedup for s in every if s.accuracy >= budget))
+    for criterion, best in found.best.items():  # each criterion's best is its own fastest
+        assert best.speedup == pytest.approx(
+            max(s.speedup for s in every if s.criterion == criterion and s.accuracy >= budget)
+        )
+    # Each setting's figures are the profile's exact simulation.
+    layers = profile.exit_layers(chosen.speed, chosen.criterion, chosen.temperature, chosen.patience)
+    assert chosen.speedup == pytest.approx(flops_speedup(model, layers, profile.lengths))
+    assert "| criterion |" in found.table() and "(chosen)" in found.table()
+    # Applied: the model now answers with the chosen rule and speed by default.
+    found.apply(model)
+    config = fbk.fastbert_config(model)
+    assert config.exit_rule == (chosen.criterion, chosen.temperature, chosen.patience)
+    assert config.default_speed == chosen.speed
+    with torch.no_grad():
+        real = torch.cat([model(**b).exit_layer for b in batches])
+    u = profile.uncertainty(chosen.criterion, chosen.temperature)[:, :-1]
+    close = (u - chosen.speed).abs().min(1).values < 1e-4
+    assert torch.equal(real[~close], layers[~close])
+    # The other target: the most accurate rule that reaches a speed-up.
+    fast = fbk.calibrate(model, profile, labels, min_speedup=1.3, apply=False)
+    assert fast.chosen.speedup >= 1.3
+    assert fast.chosen.accuracy == max(s.accuracy for s in every if s.speedup >= 1.3)
+    with pytest.raises(ValueError, match="no exit rule reaches the target"):
+        fbk.calibrate(model, profile, labels, min_speedup=100.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        fbk.calibrate(model, profile, labels)
+    with pytest.raises(ValueError, match="labels for a profile"):
+        fbk.calibrate(model, profile, labels[:5], max_accuracy_drop=0.01)
+
+
+def test_exit_rule_config_is_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="unknown exit criterion"):
+        fbk.FastBertConfig(exit_criterion="entropi")
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        fbk.FastBertConfig(exit_temperature=-1.0)
+    with pytest.raises(ValueError, match="patience must be at least 1"):
+        fbk.FastBertConfig(exit_patience=0)
+    model = fbk.patch(tiny_model("bert"), exit_criterion="margin", exit_temperature=0.5, exit_patience=2)
+    spread_branches(model)
+    model.save_pretrained(tmp_path)
+    loaded = fbk.from_pretrained(tmp_path)
+    assert fbk.fastbert_config(loaded).exit_rule == ("margin", 0.5, 2)
+    batch = random_batch(8, 11)
+    with torch.no_grad():
+        a, b = model(**batch, speed=0.7), loaded(**batch, speed=0.7)
+    assert torch.equal(a.exit_layer, b.exit_layer) or ((a.uncertainty - 0.7).abs() < 1e-5).any()
+    # A rule set after patching is checked when the model runs.
+    fbk.fastbert_config(model).exit_criterion = "top5"
+    with pytest.raises(ValueError, match="unknown exit criterion 'top5'"), torch.no_grad():
+        model(**batch, speed=0.5)

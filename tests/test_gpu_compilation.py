@@ -66,6 +66,14 @@ def test_every_integer_argument_compiles_at_one(report):
                     assert (name, parameter, trim) in compiled
 
 
+def test_exit_tail_compiles_for_every_criterion_and_patience_state(report):
+    from fastbert_kernels.ops import EXIT_CRITERIA
+
+    rows = [r for r in report if r["set"] == "criteria"]
+    assert {(r["criterion"], r["streak"]) for r in rows} == {(c, s) for c in EXIT_CRITERIA for s in (False, True)}
+    assert all(r["ptx_target_ok"] and r["cubin_bytes"] > 0 for r in rows), rows
+
+
 def test_aot_specs_follow_the_kernels_signatures():
     # Derived from the launchers, so every kernel parameter is there, in the kernel's own order.
     for spec in triton_backend.aot_specs().values():

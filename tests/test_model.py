@@ -116,6 +116,33 @@ def test_each_sample_answers_as_if_alone(backend, device, kind, batch_size):
         assert len(set(out.exit_layer.tolist())) > 1, "the test needs a mix of exit layers to mean anything"
 
 
+@pytest.mark.parametrize("criterion,temperature,patience", [("max_prob", 0.5, 1), ("margin", 1.0, 2)])
+def test_each_sample_answers_as_if_alone_under_other_rules(backend, device, criterion, temperature, patience):
+    """With another criterion, a temperature and patience (the streak state compacted with the
+    rows), a batch still answers each row as that row alone, and a shuffle only shuffles."""
+    model = fbk.patch(
+        tiny_model("bert", layers=6, device=device),
+        exit_criterion=criterion,
+        exit_temperature=temperature,
+        exit_patience=patience,
+    )
+    spread_branches(model)
+    batch = random_batch(48, 29, device=device)
+    order = torch.randperm(48, device=device)
+    u = exit_profile(model, [batch]).uncertainty(criterion, temperature)[:, :-1]
+    speed = float(u.median())
+    close = ((u - speed).abs().min(1).values < 1e-4).to(device)
+    with torch.no_grad():
+        out = model(**batch, speed=speed)
+        shuffled = model(**{k: v[order] for k, v in batch.items()}, speed=speed)
+        for i in torch.nonzero(~close).flatten()[:12].tolist():
+            alone = _alone(model, batch, i, speed)
+            assert int(out.exit_layer[i]) == int(alone.exit_layer), i
+            torch.testing.assert_close(out.logits[i], alone.logits[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(shuffled.exit_layer[~close[order]], out.exit_layer[order][~close[order]])
+    assert len(set(out.exit_layer.tolist())) > 1, "the test needs a mix of exit layers to mean anything"
+
+
 def test_default_speed_and_explicit_speed(backend, device):
     model = fbk.patch(tiny_model("bert", device=device), default_speed=1.0)
     rig_student(model, 1, confident=True)
@@ -145,7 +172,7 @@ def test_unpatch_restores_exactly():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("teacher", ["model", "branch"])
 def test_save_load_round_trip(tmp_path, kind, teacher):
-    model = fbk.patch(tiny_model(kind), teacher=teacher, default_speed=0.4)
+    model = fbk.patch(tiny_model(kind), teacher=teacher, default_speed=0.4, exit_criterion="margin", exit_patience=2)
     spread_branches(model)
     model.save_pretrained(tmp_path)
     loaded = fbk.from_pretrained(tmp_path)
@@ -214,6 +241,40 @@ def test_distillation_lowers_kl_and_freezes_backbone(teacher):
     if teacher == "branch":
         for k, v in model.fastbert_branches[-1].state_dict().items():
             assert torch.equal(v, teacher_branch[k])
+
+
+def test_distillation_label_term():
+    """With a label weight w, each student's loss gains w x its cross-entropy against the labels."""
+    from fastbert_kernels.training import _distillation_loss
+
+    model = fbk.patch(tiny_model("bert"))
+    batch = random_batch(8, 9)
+    batch["labels"] = torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        kl, rows = _distillation_loss(model, batch)
+        both, _ = _distillation_loss(model, batch, 0.5)
+        arch_states = [
+            s(h, batch["attention_mask"]) for s, h in zip(fbk.students(model), _states(model, batch), strict=False)
+        ]
+        ce = sum(torch.nn.functional.cross_entropy(x, batch["labels"], reduction="sum") for x in arch_states)
+    assert rows == 8
+    torch.testing.assert_close(both, kl + 0.5 * ce, atol=1e-4, rtol=1e-5)
+    texts = [f"w{i} w{i + 1}" for i in range(8)]
+    with pytest.raises(ValueError, match="needs labels"):
+        fbk.distill(model, [{k: v for k, v in batch.items() if k != "labels"}], label_weight=1.0, progress=False)
+    with pytest.raises(ValueError, match="label_weight is 0"):
+        fbk.distill(model, texts, word_tokenizer(), labels=[0] * 8, progress=False)
+    history = fbk.distill(model, [batch], label_weight=1.0, progress=False, epochs=2)
+    assert history.steps == 2 and history.loss[-1] < history.loss[0]
+
+
+def _states(model, batch):
+    from fastbert_kernels.architectures import architecture_for
+    from fastbert_kernels.encoder import all_layer_states, embed
+
+    arch = architecture_for(model)
+    inputs = embed(model, arch, batch["input_ids"], batch["attention_mask"], None)
+    return all_layer_states(model, arch, inputs)
 
 
 def test_distill_from_texts_with_tokenizer(tmp_path):

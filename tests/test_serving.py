@@ -81,6 +81,27 @@ def test_answers_equal_running_each_request_alone(max_batch, policy, _seed):
     assert engine.stats.completed == len(requests)
 
 
+@pytest.mark.parametrize("criterion,temperature,patience", [("margin", 1.0, 2), ("max_prob", 0.5, 3)])
+def test_engine_follows_the_models_exit_rule(criterion, temperature, patience, _seed):
+    """Under another criterion, a temperature and patience (each request's state kept on it
+    between depths), each answer still equals running the request alone through the model."""
+    model = _model()
+    config = fbk.fastbert_config(model)
+    config.exit_criterion, config.exit_temperature, config.exit_patience = criterion, temperature, patience
+    requests = _requests(24, _seed)
+    speeds = [random.Random(_seed + i).choice([0.4, 0.7, 1.0]) for i in range(len(requests))]
+    with Engine(model, max_batch=4) as engine:
+        results = [
+            f.result(timeout=120) for f in [engine.submit(r, speed=s) for r, s in zip(requests, speeds, strict=True)]
+        ]
+    for ids, speed, got in zip(requests, speeds, results, strict=True):
+        expected = _alone(model, ids, speed)
+        assert got.exit_layer == int(expected.exit_layer)
+        torch.testing.assert_close(got.logits, expected.logits[0], atol=1e-5, rtol=1e-5)
+        assert got.uncertainty == pytest.approx(float(expected.uncertainty[0]), abs=1e-5)
+    assert min(r.exit_layer for r in results) >= min(patience, 4)
+
+
 def test_many_client_threads(_seed):
     model = _model()
     requests = _requests(48, _seed)

@@ -18,11 +18,6 @@ __device__ __forceinline__ float warp_sum(float value) {
   return __shfl_sync(0xffffffffu, value, 0);
 }
 
-__device__ __forceinline__ float warp_max(float value) {
-  for (int offset = 16; offset > 0; offset >>= 1) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  return value;
-}
-
 // y = W x + b for W row-major [rows, cols], x in shared memory: one warp per output row, its lanes
 // walking the row together, so every weight load is coalesced (32 consecutive floats a step).
 __device__ __forceinline__ void warp_affine(const float* __restrict__ w, const float* __restrict__ b,

@@ -109,10 +109,15 @@ def time_ops(device: torch.device, quick: bool, repeats: int) -> list[dict]:
                     continue
                 os.environ[ops.ENV_VAR] = name
                 head = measure(functools.partial(ops.exit_head, hidden, mask, folded, 2, 0.5), device, repeats)
+                # The margin criterion at T = 0.5 with a patience state: what the other rules cost.
+                streak = torch.zeros(n, 2, dtype=torch.int64, device=device)
+                ruled = functools.partial(ops.exit_head, hidden, mask, folded, 2, 0.5, "margin", 0.5, 2, streak)
+                head_ruled = measure(ruled, device, repeats)
                 pack = measure(functools.partial(ops.compact, hidden, mask, rows_index, keep, True), device, repeats)
                 os.environ.pop(ops.ENV_VAR)
                 shape = {"dtype": str(dtype).replace("torch.", ""), "n": n, "s": s, "h": h, "c": c}
                 rows.append({"op": "exit_head", "backend": name, **shape, **head})
+                rows.append({"op": "exit_head margin T=0.5 patience 2", "backend": name, **shape, **head_ruled})
                 rows.append({"op": "compact", "backend": name, **shape, **pack})
     return rows
 

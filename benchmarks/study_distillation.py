@@ -33,8 +33,14 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _recipe(text: str) -> dict:
-    lr, epochs, label_weight = text.split(":")
-    return {"distill_lr": float(lr), "distill_epochs": int(epochs), "distill_label_weight": float(label_weight)}
+    """``lr:epochs:label_weight[:max_grad_norm]`` (a missing or 0 norm: no clipping)."""
+    lr, epochs, label_weight, *clip = text.split(":")
+    return {
+        "distill_lr": float(lr),
+        "distill_epochs": int(epochs),
+        "distill_label_weight": float(label_weight),
+        "distill_max_grad_norm": float(clip[0]) if clip else 0.0,
+    }
 
 
 def study(args: argparse.Namespace) -> list[dict]:
@@ -90,9 +96,9 @@ def markdown(results: list[dict], data: str) -> str:
         "Calibrated on validation (fastest rule within 1 point of the teacher), measured on test from one "
         "full pass (ideal speed-up: FLOPs at the real lengths).",
         "",
-        "| lr | epochs | label weight | distil s | classifiers alone (validation) | criterion | T | patience | "
+        "| lr | epochs | label weight | clip | distil s | classifiers alone (validation) | criterion | T | patience | "
         "speed | test accuracy (teacher) | ideal speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         recipe = row["recipe"]
@@ -101,7 +107,7 @@ def markdown(results: list[dict], data: str) -> str:
         for criterion, found in row["criteria"].items():
             head = (
                 f"| {recipe['distill_lr']:g} | {recipe['distill_epochs']} | {recipe['distill_label_weight']:g} | "
-                f"{seconds} | {accuracy}% "
+                f"{recipe['distill_max_grad_norm'] or '-'} | {seconds} | {accuracy}% "
             )
             if found is None:
                 lines.append(head + f"| {criterion} | - | - | - | no rule within 1 point | - |")

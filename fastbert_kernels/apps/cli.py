@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from ..training import DISTILL_DEFAULTS
-from .demo import DEFAULT_SPEEDS, cmd_demo
+from .demo import DEFAULT_SPEEDS, MAX_ACCURACY_DROP, cmd_demo
 from .environment import environment
 from .loading import load_for_cli
 
@@ -110,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=0.0,
             help="weight of the students' cross-entropy against the training labels (0: label-free)",
+        )
+        p.add_argument(
+            "--max-accuracy-drop",
+            type=float,
+            default=MAX_ACCURACY_DROP,
+            help="calibration target: the fastest exit rule within this accuracy drop of the teacher on validation",
+        )
+        p.add_argument(
+            "--distill-max-grad-norm",
+            type=float,
+            default=DISTILL_DEFAULTS.max_grad_norm or 0.0,
+            help="clip the students' gradient norm to this in distillation (0: never)",
         )
         p.add_argument("--max-train", type=int, default=None, help="use only the first N training texts")
         p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test texts")

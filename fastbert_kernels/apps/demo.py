@@ -47,7 +47,11 @@ def _teacher_settings(args: argparse.Namespace, dataset) -> dict:
 
 def distill_settings(args: argparse.Namespace) -> dict:
     """The distillation recipe the demo's command line asks for (part of the students' cache key)."""
-    return dict(lr=args.distill_lr, epochs=args.distill_epochs, label_weight=args.distill_label_weight)
+    settings = dict(lr=args.distill_lr, epochs=args.distill_epochs, label_weight=args.distill_label_weight)
+    # Added only when set, so that the cached students of recipes without clipping keep their key.
+    if args.distill_max_grad_norm:
+        settings["max_grad_norm"] = args.distill_max_grad_norm
+    return settings
 
 
 def prepare_teacher(args: argparse.Namespace, dataset, tokenizer) -> tuple[object, dict]:
@@ -120,6 +124,7 @@ def prepare_model(args: argparse.Namespace, dataset):
         epochs=recipe["epochs"],
         batch_size=TRAIN_BATCH_SIZE,
         lr=recipe["lr"],
+        max_grad_norm=recipe.get("max_grad_norm"),
         max_length=args.max_length,
         seed=args.seed,
     )
@@ -202,7 +207,7 @@ def student_accuracy(profile: ExitProfile, labels: torch.Tensor) -> list[float]:
     return (profile.prediction == labels[:, None]).float().mean(0).tolist()
 
 
-def _plot_calibration(calibration: Calibration, path: Path, title: str) -> None:
+def _plot_calibration(calibration: Calibration, path: Path, title: str, budget_drop: float) -> None:
     """Each criterion's curve (at its best temperature and patience): validation accuracy against
     the ideal speed-up, with the 1-point budget and the chosen setting marked."""
     import matplotlib
@@ -221,8 +226,8 @@ def _plot_calibration(calibration: Calibration, path: Path, title: str) -> None:
             label=f"{criterion}, T={best.temperature:g}, patience {best.patience}",
         )
         ax.plot([best.speedup], [100 * best.accuracy], "o", color=ax.lines[-1].get_color())
-    budget = 100 * (calibration.teacher_accuracy - MAX_ACCURACY_DROP)
-    ax.axhline(budget, color="k", linestyle=":", label=f"teacher - {100 * MAX_ACCURACY_DROP:g} point")
+    budget = 100 * (calibration.teacher_accuracy - budget_drop)
+    ax.axhline(budget, color="k", linestyle=":", label=f"teacher - {100 * budget_drop:g} point")
     ax.set_xlabel("ideal speed-up (FLOPs at real lengths)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_ylim(max(0.0, budget - 25), 100 * calibration.teacher_accuracy + 3)
@@ -246,8 +251,8 @@ def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path,
         "validation accuracy of each classifier alone (layers 1..L, the last is the teacher): "
         + " / ".join(f"{100 * a:.1f}%" for a in accuracies)
     )
-    calibration = calibrate(model, profile, labels, max_accuracy_drop=MAX_ACCURACY_DROP, apply=False)
-    print(f"\ncalibrated on validation (fastest within {100 * MAX_ACCURACY_DROP:g} point of the teacher):")
+    calibration = calibrate(model, profile, labels, max_accuracy_drop=args.max_accuracy_drop, apply=False)
+    print(f"\ncalibrated on validation (fastest within {100 * args.max_accuracy_drop:g} point of the teacher):")
     print(calibration.table())
     settings = [best for best in calibration.best.values() if best is not None]
 
@@ -302,7 +307,9 @@ def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path,
     meta = {**meta, "calibration": json.dumps(summary)}
     _write_results(rows, out_dir / "results.csv", meta)
     _plot(rows, out_dir / "speed_accuracy.png", f"{dataset.name}: all-MiniLM-L6-v2 + FastBERT on {meta['device']}")
-    _plot_calibration(calibration, out_dir / "calibration.png", f"{dataset.name}: exit criteria on validation")
+    _plot_calibration(
+        calibration, out_dir / "calibration.png", f"{dataset.name}: exit criteria on validation", args.max_accuracy_drop
+    )
     print(f"\nwrote {out_dir / 'results.csv'}, {out_dir / 'speed_accuracy.png'} and {out_dir / 'calibration.png'}")
     return rows
 

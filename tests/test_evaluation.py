@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_batch, rig_student, spread_branches, tiny_model
+from helpers import random_batch, rig_student, spread_branches, tiny_model, word_tokenizer
 
 import fastbert_kernels as fbk
 from fastbert_kernels import flops
@@ -254,3 +254,34 @@ def test_exit_rule_config_is_checked_and_saved(tmp_path):
     fbk.fastbert_config(model).exit_criterion = "top5"
     with pytest.raises(ValueError, match="unknown exit criterion 'top5'"), torch.no_grad():
         model(**batch, speed=0.5)
+
+
+def test_benchmark_times_each_rule_without_autograd_and_restores_the_config():
+    from fastbert_kernels.apps.benchmarking import benchmark, fastbert_predict, make_batches
+    from fastbert_kernels.calibration import ExitSetting
+
+    model = fbk.patch(tiny_model("bert")).eval()
+    spread_branches(model)
+    tokenizer = word_tokenizer()
+    texts = [" ".join(f"w{(i * 7 + j) % 90}" for j in range(3 + i % 9)) for i in range(24)]
+    labels = [i % 3 for i in range(24)]
+    setting = ExitSetting("margin", 0.5, 2, 0.8, accuracy=0.0, speedup=1.0)
+    rows = benchmark(
+        model,
+        tokenizer,
+        texts,
+        labels,
+        [0.0, 0.5],
+        batch_size=8,
+        max_length=16,
+        repeats=1,
+        progress=False,
+        settings=[setting],
+    )
+    (calibrated,) = [r for r in rows if r.method == "calibrated"]
+    assert calibrated.rule == "margin T=0.5 patience=2" and calibrated.setting == 0.8
+    assert {r.rule for r in rows if r.method == "fastbert"} == {"entropy T=1 patience=1"}
+    assert fbk.fastbert_config(model).exit_rule == ("entropy", 1.0, 1)  # restored after timing
+    # Timed as inference: no autograd graph is kept (it once was, and grew without bound).
+    logits, _ = fastbert_predict(model, make_batches(tokenizer, texts, 8, 16, "cpu"), 0.5, setting)
+    assert not logits.requires_grad

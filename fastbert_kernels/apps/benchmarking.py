@@ -64,7 +64,6 @@ def hf_predict(model, batches: list[Batch]) -> torch.Tensor:
     return torch.cat([forward(model, **b).logits.float() for b in batches])
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def exit_rule(model, setting: ExitSetting | None) -> Iterator[None]:
     """Within the block the model decides by ``setting``'s criterion, temperature and patience
@@ -83,6 +82,7 @@ def exit_rule(model, setting: ExitSetting | None) -> Iterator[None]:
         config.exit_criterion, config.exit_temperature, config.exit_patience = saved
 
 
+@torch.no_grad()
 def fastbert_predict(
     model, batches: list[Batch], speed: float, setting: ExitSetting | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,6 +72,7 @@ def test_exit_tail_compiles_for_every_criterion_and_patience_state(report):
     rows = [r for r in report if r["set"] == "criteria"]
     assert {(r["criterion"], r["streak"]) for r in rows} == {(c, s) for c in EXIT_CRITERIA for s in (False, True)}
     assert all(r["ptx_target_ok"] and r["cubin_bytes"] > 0 for r in rows), rows
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows), rows  # sm_90
 
 
 def test_aot_specs_follow_the_kernels_signatures():

@@ -129,7 +129,18 @@ def compile_all(r: int = 128, c: int = 77) -> list[dict]:
         for with_streak in (False, True):
             spec = triton_backend.aot_specs(r=r, c=c, criterion=criterion, with_streak=with_streak)["exit_tail"]
             rows.append(
-                _compile_row("exit_tail", spec, 90, False, set="criteria", criterion=criterion, streak=with_streak)
+                _compile_row(
+                    "exit_tail",
+                    spec,
+                    90,
+                    True,
+                    set="criteria",
+                    dtype="float32",
+                    r=r,
+                    c=c,
+                    criterion=criterion,
+                    streak=with_streak,
+                )
             )
     return rows
 

@@ -188,13 +188,10 @@ def _exit_tail_kernel(
         )
     tl.debug_barrier()
     # logits = pooled W_cls^T + b_cls, tile by tile over the classes. The decision works on
-    # x = logits / T, with online statistics: the top two x (and the first argmax), and for
-    # e_c = exp(x_c - m), S = sum e_c and A = sum e_c (x_c - m), so that
-    #   p_top1 = 1 / S,  p_top1 - p_top2 = (1 - exp(x_top2 - x_top1)) / S,  H = log S - A / S;
-    # a new running max m' rescales S and A by exp(m - m') (A also gains (m - m') S).
+    # x = logits / T, with online statistics: for e_c = exp(x_c - m), S = sum e_c and
+    # A = sum e_c (x_c - m), so that p_top1 = 1 / S and H = log S - A / S; a new running max m'
+    # rescales S and A by exp(m - m') (A also gains (m - m') S).
     running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    second = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    argmax = tl.zeros([BLOCK_N], dtype=tl.int32)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     weighted = tl.zeros([BLOCK_N], dtype=tl.float32)
     for c_start in range(0, C, BLOCK_J):
@@ -206,15 +203,7 @@ def _exit_tail_kernel(
         logits += tl.load(b_cls_ptr + c, mask=c_ok, other=0.0)[None, :]
         tl.store(logits_ptr + rows64[:, None] * C + c[None, :], logits, mask=rows_ok[:, None] & c_ok[None, :])
         masked = tl.where(c_ok[None, :], logits * inv_temperature, float("-inf"))
-        tile_max = tl.max(masked, axis=1)
-        # The tile's first argmax and its runner-up (a tie for first counts as the runner-up).
-        tile_argmax = tl.min(tl.where(masked == tile_max[:, None], c[None, :], C), axis=1)
-        tile_second = tl.max(tl.where(c[None, :] == tile_argmax[:, None], float("-inf"), masked), axis=1)
-        # Tiles arrive in class order, so on a tie the running (earlier) argmax stays.
-        better = tile_max > running_max
-        second = tl.where(better, tl.maximum(running_max, tile_second), tl.maximum(second, tile_max))
-        argmax = tl.where(better, tile_argmax, argmax)
-        new_max = tl.maximum(running_max, tile_max)
+        new_max = tl.maximum(running_max, tl.max(masked, axis=1))
         # First tile: total = 0, so the (-inf) shift must not reach the arithmetic (0 * inf).
         shift = tl.where(total > 0, running_max - new_max, 0.0)
         scale = tl.exp(shift)
@@ -223,6 +212,24 @@ def _exit_tail_kernel(
         weighted = scale * (weighted + shift * total) + tl.sum(e * centred, axis=1)
         total = scale * total + tl.sum(e, axis=1)
         running_max = new_max
+    # The first argmax and the runner-up, from the logits this program just stored (L2-resident):
+    # a second, light pass, so that the GEMM loop above carries no more state (it spilled on sm_80
+    # when it did). With m = max x: argmax = the first c with x_c = m; the runner-up is m when m
+    # occurs twice, else the largest x_c < m.
+    tl.debug_barrier()
+    argmax = tl.full([BLOCK_N], C, tl.int32)
+    ties = tl.zeros([BLOCK_N], dtype=tl.int32)
+    below = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    for c_start in range(0, C, BLOCK_J):
+        c = c_start + tl.arange(0, BLOCK_J)
+        c_ok = c < C
+        stored = tl.load(logits_ptr + rows64[:, None] * C + c[None, :], mask=rows_ok[:, None] & c_ok[None, :])
+        x = tl.where(c_ok[None, :], stored * inv_temperature, float("-inf"))
+        top = (x == running_max[:, None]) & c_ok[None, :]
+        argmax = tl.minimum(argmax, tl.min(tl.where(top, c[None, :], C), axis=1))
+        ties += tl.sum(top.to(tl.int32), axis=1)
+        below = tl.maximum(below, tl.max(tl.where(top, float("-inf"), x), axis=1))
+    second = tl.where(ties > 1, running_max, below)
     if CRITERION == MAX_PROB:
         uncertainty = 1.0 - 1.0 / total
     elif CRITERION == MARGIN:

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops.reference import branch_logits, uncertainty, update_streak
+from .ops.reference import branch_logits
+from .ops.reference import exit_decision as reference_exit_decision
 from .ops.types import BranchWeights, ExitHeadOutput, FoldedWeights
 
 
@@ -82,10 +83,7 @@ class BranchClassifier(nn.Module):
         The fused op when no gradient is wanted; this module's differentiable forward when one is
         (an attribution method on an eval-mode model), so gradients are never silently cut."""
         if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters())):
-            logits = self(hidden, mask)
-            u = uncertainty(logits, criterion, temperature)
-            exits, new_streak = update_streak(logits.argmax(dim=-1), u, speed, patience, streak)
-            return ExitHeadOutput(logits, u, exits, new_streak)
+            return reference_exit_decision(self(hidden, mask), speed, criterion, temperature, patience, streak)
         # The adaptive forward's inputs are valid by construction: the op without Python checks.
         return ops.exit_head_unchecked(
             hidden,

@@ -146,6 +146,18 @@ def _write_results(rows, path: Path, meta: dict) -> None:
         writer.writerows(records)
 
 
+def _finish_plot(fig, ax, title: str, path: Path) -> None:
+    """Title, grid and legend, then written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plot(rows, path: Path, title: str) -> None:
     import matplotlib
 
@@ -177,12 +189,7 @@ def _plot(rows, path: Path, title: str) -> None:
         ax.plot([1.0], [100 * hf[0].accuracy], "k*", markersize=12, label="unpatched Hugging Face (sdpa)")
     ax.set_xlabel("wall-clock speed-up over the unpatched model (same process)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_plot(fig, ax, title, path)
 
 
 def _print_table(rows: list[BenchRow]) -> None:
@@ -231,12 +238,7 @@ def _plot_calibration(calibration: Calibration, path: Path, title: str, budget_d
     ax.set_xlabel("ideal speed-up (FLOPs at real lengths)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_ylim(max(0.0, budget - 25), 100 * calibration.teacher_accuracy + 3)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_plot(fig, ax, title, path)
 
 
 def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path, meta: dict) -> list[BenchRow]:

@@ -19,7 +19,7 @@ from . import backends, torch_kernels
 from .backends import BACKENDS, ENV_VAR, BackendUnavailableError, report, select_backend
 from .library import op
 from .sync_counter import host_read
-from .types import EXIT_CRITERIA, BranchWeights, Compacted, ExitHeadOutput, FoldedWeights, check_exit_rule
+from .types import EXIT_CRITERIA, BranchWeights, Compacted, ExitHeadOutput, FoldedWeights, check_exit_rule, check_streak
 
 __all__ = [
     "BACKENDS",
@@ -110,12 +110,7 @@ def exit_head(
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     check_exit_rule(criterion, temperature, patience)
-    if streak is not None:
-        n = hidden.shape[0]
-        if streak.shape != (n, 2) or streak.dtype != torch.int64:
-            raise ValueError(f"streak must be int64 [N, 2] = [{n}, 2], got {streak.dtype} {tuple(streak.shape)}")
-        if streak.device != hidden.device:
-            raise ValueError(f"streak is on {streak.device} but hidden is on {hidden.device}")
+    check_streak(streak, hidden.shape[0], hidden.device)
     if torch.is_grad_enabled() and hidden.requires_grad:
         raise ValueError("exit_head is inference-only; for gradients use the branch module's forward")
     return exit_head_unchecked(hidden, mask, weights, num_heads, speed, criterion, temperature, patience, streak)

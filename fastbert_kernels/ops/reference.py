@@ -117,6 +117,19 @@ def exit_head(
     """Branch + softmax + the criterion's uncertainty (of logits / temperature) + the exit decision
     (:func:`update_streak`); the logits are returned undivided."""
     logits = branch_logits(hidden, mask, weights, num_heads)
+    return exit_decision(logits, speed, criterion, temperature, patience, streak)
+
+
+def exit_decision(
+    logits: torch.Tensor,
+    speed: float | torch.Tensor,
+    criterion: str = "entropy",
+    temperature: float = 1.0,
+    patience: int = 1,
+    streak: torch.Tensor | None = None,
+) -> ExitHeadOutput:
+    """The exit rule on a branch's logits ``[N, C]``: the criterion's uncertainty of
+    ``logits / temperature`` and :func:`update_streak`; the logits are returned undivided."""
     u = uncertainty(logits, criterion, temperature)
     exits, new_streak = update_streak(logits.argmax(dim=-1), u, speed, patience, streak)
     return ExitHeadOutput(logits, u, exits, new_streak)

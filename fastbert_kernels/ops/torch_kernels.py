@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import uncertainty, update_streak
+from .reference import exit_decision
 from .types import FoldedWeights
 
 
@@ -42,9 +42,7 @@ def exit_head(
     zbar = torch.einsum("njs,nsr->njr", torch.softmax(scores, dim=-1), z).reshape(n, num_heads * r)
     pooled = torch.tanh(F.linear(F.linear(zbar, w.w_ov, w.b_ov), w.w_pool, w.b_pool))
     logits = F.linear(pooled, w.w_cls, w.b_cls)
-    u = uncertainty(logits, criterion, temperature)
-    exits, new_streak = update_streak(logits.argmax(dim=-1), u, speed, patience, streak)
-    return logits, u, exits, new_streak
+    return tuple(exit_decision(logits, speed, criterion, temperature, patience, streak))
 
 
 def compact_plan(keep: Tensor, mask: Tensor, trim: bool) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from .sync_counter import counted_launch
-from .types import EXIT_CRITERIA, BranchWeights, FoldedWeights
+from .types import EXIT_CRITERIA, BranchWeights, FoldedWeights, check_exit_rule, check_streak
 
 try:
     import triton
@@ -122,10 +122,8 @@ def exit_head(
     streak: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``fastbert::exit_head`` op on Triton: the vendor GEMM, then three kernels."""
-    if criterion not in EXIT_CRITERIA:
-        raise ValueError(f"unknown exit criterion {criterion!r}; known: {', '.join(EXIT_CRITERIA)}")
-    if not (math.isfinite(temperature) and temperature > 0) or patience < 1:
-        raise ValueError(f"temperature must be positive and finite and patience >= 1, got {temperature}, {patience}")
+    # Reached through the dispatcher too, past the Python wrapper's checks: the same checks here.
+    check_exit_rule(criterion, temperature, patience)
     w = FoldedWeights(*weights)
     hidden = hidden.contiguous()
     n, s, h = hidden.shape
@@ -138,11 +136,8 @@ def exit_head(
     new_streak = torch.empty(n, 2, dtype=torch.int64, device=device)
     if n == 0:
         return logits, uncertainty, exits, new_streak
+    check_streak(streak, n, device)
     if streak is not None:
-        if streak.shape != (n, 2) or streak.dtype != torch.int64 or streak.device != device:
-            raise ValueError(
-                f"streak must be int64 [N, 2] = [{n}, 2] on {device}, got {streak.dtype} {tuple(streak.shape)}"
-            )
         streak = streak.contiguous()
     cfg = ExitHeadConfig.for_width(r)
     projected = hidden.reshape(n * s, h) @ w.w_in.T  # the vendor GEMM, in hidden's dtype

@@ -35,6 +35,16 @@ def check_exit_rule(criterion: str, temperature: float, patience: int) -> None:
         raise ValueError(f"patience must be at least 1, got {patience}")
 
 
+def check_streak(streak: torch.Tensor | None, rows: int, device: torch.device) -> None:
+    """A ``ValueError`` that names the problem unless ``streak`` is None or int64 ``[rows, 2]`` on ``device``."""
+    if streak is None:
+        return
+    if streak.shape != (rows, 2) or streak.dtype != torch.int64:
+        raise ValueError(f"streak must be int64 [N, 2] = [{rows}, 2], got {streak.dtype} {tuple(streak.shape)}")
+    if streak.device != device:
+        raise ValueError(f"streak is on {streak.device} but hidden is on {device}")
+
+
 class ExitHeadOutput(NamedTuple):
     """What the exit head returns for N rows.
 

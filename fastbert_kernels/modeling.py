@@ -217,7 +217,8 @@ def _adaptive(
             hidden, mask, speed, criterion, temperature, patience, streak
         )
         if per_row is not None:
-            exits, new_streak = update_streak(logits.argmax(dim=-1), row_uncertainty, per_row[rows], patience, streak)
+            # new_streak[:, 0] is the op's prediction (0 for a non-finite row), whatever the speed.
+            exits, new_streak = update_streak(new_streak[:, 0], row_uncertainty, per_row[rows], patience, streak)
         kept = ops.compact_unchecked(hidden, mask, rows, ~exits, config.trim_sequence)
         if patience > 1:
             streak = kept.carry(new_streak)

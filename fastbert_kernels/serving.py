@@ -367,10 +367,10 @@ class Engine:
             # The fused head measures the uncertainty; each row's own speed (and its patience
             # state, kept on the row) decides, exactly as the model's per-row speeds do.
             branch = branch_modules(self.model)[depth]
-            logits, uncertainty, _, _ = branch.exit_decision(hidden, mask, 1.0, criterion, temperature)
+            logits, uncertainty, _, state = branch.exit_decision(hidden, mask, 1.0, criterion, temperature)
             speeds = torch.tensor([row.speed for row in rows], device=uncertainty.device)
             previous = torch.tensor([row.streak for row in rows], device=uncertainty.device)
-            exits, streaks = update_streak(logits.argmax(dim=-1), uncertainty, speeds, patience, previous)
+            exits, streaks = update_streak(state[:, 0], uncertainty, speeds, patience, previous)
             streaks = streaks.tolist()
         if logits is not None:
             logits, uncertainty = logits.cpu(), uncertainty.cpu()

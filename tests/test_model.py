@@ -7,6 +7,7 @@ import torch
 from helpers import random_batch, rig_student, spread_branches, tiny_model, word_tokenizer
 
 import fastbert_kernels as fbk
+from fastbert_kernels.architectures import architecture_for
 from fastbert_kernels.calibration import exit_profile
 from fastbert_kernels.ops.sync_counter import counting
 
@@ -56,6 +57,39 @@ def test_speed_nobody_meets_exits_nobody(backend, device):
         out = model(**batch, speed=0.9)
     assert torch.equal(out.exit_layer.cpu(), torch.full((8,), 4))
     torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("per_row_speed", [False, True])
+def test_non_finite_row_goes_to_the_teacher(backend, device, per_row_speed):
+    """A row whose hidden states turn NaN after layer 1 (an overflow, say) is never taken for
+    certain: it runs to the teacher, which answers NaN as the unpatched model does, and the other
+    rows answer exactly as they do without it."""
+    model = fbk.patch(tiny_model("bert", device=device))
+    spread_branches(model)
+    batch = random_batch(7, 13, device=device)
+    bad = int(torch.randint(0, 7, ()))
+    speed = torch.full((7,), 0.9, device=device) if per_row_speed else 0.9
+    layers = architecture_for(model).layers(model)
+
+    def poison(module, args, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        if hidden.shape[0] == 7:  # layer 1 sees the whole batch
+            hidden[bad] = float("nan")
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    with torch.no_grad():
+        clean = model(**batch, speed=speed)
+        handle = layers[0].register_forward_hook(poison)
+        try:
+            out = model(**batch, speed=speed)
+        finally:
+            handle.remove()
+    assert int(out.exit_layer[bad]) == 4
+    assert out.logits[bad].isnan().all() and out.uncertainty[bad].isnan()
+    others = torch.arange(7, device=device) != bad
+    assert clean.exit_layer[others].lt(4).any()  # the others do leave early: the speed is not vacuous
+    assert torch.equal(out.exit_layer[others], clean.exit_layer[others])
+    torch.testing.assert_close(out.logits[others], clean.logits[others], atol=1e-5, rtol=0)
 
 
 def test_later_layer_rigged_exits_there(backend, device):

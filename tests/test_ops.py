@@ -161,6 +161,41 @@ def test_exit_head_speed_bounds(backend, device):
     assert torch.equal(exits, u < 1.0)
 
 
+@pytest.mark.parametrize("criterion", EXIT_CRITERIA)
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf", "fp16 overflow"])
+@pytest.mark.parametrize("c", [3, 150])
+def test_non_finite_rows_never_exit(backend, device, criterion, poison, c):
+    """Rows whose hidden states hold NaN or inf (or overflow float16) get NaN logits. On every
+    backend, as in the reference, such a row is not confident: u is NaN, it does not exit, and its
+    patience state is reset to [0, 0] (a row with a streak of 2 would otherwise leave at patience
+    2). Its neighbours are untouched. C = 150 spans two class tiles of the Triton tail."""
+    n, s = 9, 6
+    dtype = torch.float16 if poison == "fp16 overflow" else torch.float32
+    hidden, mask, weights, heads = _inputs(n, s, c, dtype, device=device)
+    bad = torch.zeros(n, dtype=torch.bool, device=device)
+    bad[torch.randperm(n)[:3]] = True
+    if poison == "fp16 overflow":  # a layer output past float16's range: inf, then inf - inf = NaN
+        hidden[bad] = (torch.randn(int(bad.sum()), s, HIDDEN, device=device) * 1e5).to(dtype)
+    elif poison == "nan":  # one element of the CLS token, which every row's query reads whatever its mask
+        hidden[bad, 0, 3] = float("nan")
+    else:  # the whole CLS token: W_in x then sums infinities of both signs (one alone tanh would absorb)
+        hidden[bad, 0, :] = float(poison)
+    # Every row confident and agreeing with this student at the previous one: a finite row leaves here.
+    prediction = reference.exit_head(hidden, mask, weights, heads, 1.0, criterion).logits.argmax(-1)
+    previous = torch.stack([prediction, torch.full_like(prediction, 5)], dim=1)
+    rule = dict(criterion=criterion, temperature=1.0, patience=2, streak=previous)
+    expected = reference.exit_head(hidden, mask, weights, heads, 1.0, **rule)
+    got = ops.exit_head(hidden, mask, weights.fold(heads, dtype), heads, 1.0, **rule)
+    assert torch.equal(expected.uncertainty.isnan(), bad)  # the poison reached the reference's logits
+    assert torch.equal(got.uncertainty.isnan(), bad)
+    assert not got.exits[bad].any()
+    assert torch.equal(got.streak[bad], torch.zeros(int(bad.sum()), 2, dtype=torch.int64, device=device))
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.logits[~bad], expected.logits[~bad], atol=tol, rtol=tol)
+    torch.testing.assert_close(got.uncertainty[~bad], expected.uncertainty[~bad], atol=tol, rtol=tol)
+    assert torch.equal(got.exits[~bad], got.uncertainty[~bad] < 1.0)
+
+
 @pytest.mark.parametrize("n,s", [(0, 4), (1, 1), (7, 128), (129, 9)])
 @pytest.mark.parametrize("trim", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -282,6 +317,30 @@ def test_cpp_checks_name_the_problem(monkeypatch):
     index, _ = torch.ops.fastbert.compact_plan(torch.ones(3, dtype=torch.bool), mask, True)
     with pytest.raises(RuntimeError, match="count must be in"):
         torch.ops.fastbert.compact_gather(hidden, mask, torch.arange(3), index, 4, 5)
+
+
+@pytest.mark.skipif(not ops.BACKENDS["triton"].available()[0], reason="triton not available here")
+def test_triton_launcher_checks_name_the_problem(monkeypatch):
+    """The registered op on the Triton backend, past the Python wrapper: the launcher checks what the
+    C++ binding checks, so that a float64 or strided weight is refused instead of misread."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv(ops.ENV_VAR, "triton")
+    ops.backends.ensure_registered(device)
+    hidden, mask, weights, heads = _inputs(3, 5, 2, device=device)
+    folded = weights.fold(heads)
+    exit_head = torch.ops.fastbert.exit_head
+    with pytest.raises(TypeError, match=r"w_pool must be torch\.float32, got torch\.float64"):
+        exit_head(hidden, mask, list(folded._replace(w_pool=folded.w_pool.double())), heads, 0.5)
+    with pytest.raises(ValueError, match="w_ov must be contiguous"):
+        exit_head(hidden, mask, list(folded._replace(w_ov=folded.w_ov.t().contiguous().t())), heads, 0.5)
+    with pytest.raises(ValueError, match=r"w_qk must have shape \[64, 32\]"):
+        exit_head(hidden, mask, list(folded._replace(w_qk=folded.w_qk[:5])), heads, 0.5)
+    with pytest.raises(TypeError, match=r"w_in must be torch\.float16"):
+        exit_head(hidden.half(), mask, list(folded), heads, 0.5)
+    with pytest.raises(ValueError, match="speed must be in"):
+        exit_head(hidden, mask, list(folded), heads, 1.5)
+    with pytest.raises(ValueError, match=r"empty sequence axis \(S = 0\)"):
+        exit_head(hidden[:, :0].contiguous(), mask[:, :0].contiguous(), list(folded), heads, 0.5)
 
 
 def test_forced_backend_fails_loudly(monkeypatch):

@@ -87,7 +87,7 @@ FB_CPU_CLONES void exit_head_row(const RowInputs& in, int64_t row, RowScratch& t
   std::copy(t.row_logits.begin(), t.row_logits.end(), out.logits + row * c);
   out.uncertainty[row] = u;
   const int64_t* previous = in.streak_in == nullptr ? nullptr : in.streak_in + 2 * row;
-  out.exits[row] = update_streak(moments.argmax, u, in.rule, previous, out.streak + 2 * row);
+  out.exits[row] = update_streak(exit_argmax(moments), u, in.rule, previous, out.streak + 2 * row);
 }
 
 }  // namespace

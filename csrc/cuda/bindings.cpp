@@ -82,12 +82,12 @@ Compacted compact_gather_cuda(const at::Tensor& hidden_in, const at::Tensor& mas
   check_gather(hidden, rows, index, count, length);
   TORCH_CHECK(hidden.is_cuda(), "compact_gather_cuda needs CUDA tensors, got ", hidden.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const int64_t s = hidden.size(1), h = hidden.size(2);
+  const int64_t n = hidden.size(0), s = hidden.size(1), h = hidden.size(2);
   auto hidden_out = at::empty({count, length, h}, hidden.options());
   auto mask_out = at::empty({count, length}, mask.options());
   auto rows_out = at::empty({count}, rows.options());
   check_cuda(fastbert_compact_gather(hidden.data_ptr(), mask.data_ptr<int64_t>(), rows.data_ptr<int64_t>(),
-                                     index.data_ptr<int64_t>(), count, s, h, length, hidden.element_size(),
+                                     index.data_ptr<int64_t>(), n, count, s, h, length, hidden.element_size(),
                                      hidden_out.data_ptr(), mask_out.data_ptr<int64_t>(), rows_out.data_ptr<int64_t>(),
                                      c10::cuda::getCurrentCUDAStream()),
              "fastbert_compact_gather");

@@ -41,8 +41,14 @@ __device__ __forceinline__ void warp_affine(const float* __restrict__ w, const f
 __device__ __forceinline__ fastbert::ExitMoments warp_exit_moments(const float* logits, int64_t c,
                                                                   float inv_temperature) {
   const int lane = threadIdx.x % 32;
-  fastbert::ExitMoments m{-INFINITY, -INFINITY, c, 0.f, 0.f};
-  for (int64_t i = lane; i < c; i += 32) fastbert::top2_update(logits[i], i, &m.top1, &m.argmax, &m.top2);
+  // argmax starts at 0, as on the CPU; a lane with no class keeps top1 = -inf and never wins a
+  // merge against a lane with a finite logit.
+  fastbert::ExitMoments m{-INFINITY, -INFINITY, 0, 0.f, 0.f, true};
+  for (int64_t i = lane; i < c; i += 32) {
+    fastbert::top2_update(logits[i], i, &m.top1, &m.argmax, &m.top2);
+    m.finite = m.finite && isfinite(logits[i]);
+  }
+  m.finite = __all_sync(0xffffffffu, m.finite);
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float other1 = __shfl_xor_sync(0xffffffffu, m.top1, offset);
     const float other2 = __shfl_xor_sync(0xffffffffu, m.top2, offset);
@@ -142,7 +148,7 @@ __global__ void exit_head_rows_kernel(const float* __restrict__ projected, const
       const float u = fastbert::exit_uncertainty(moments, rule.criterion, c, rule.inv_temperature);
       uncertainty[row] = u;
       const int64_t* previous = streak_in == nullptr ? nullptr : streak_in + 2 * row;
-      exits[row] = fastbert::update_streak(moments.argmax, u, rule, previous, streak_out + 2 * row);
+      exits[row] = fastbert::update_streak(fastbert::exit_argmax(moments), u, rule, previous, streak_out + 2 * row);
     }
   }
 }

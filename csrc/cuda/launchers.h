@@ -39,10 +39,11 @@ size_t fastbert_exit_head_shared_bytes(int64_t r, int64_t num_heads, int64_t c);
 cudaError_t fastbert_compact_plan(const bool* keep, const int64_t* mask, int64_t n, int64_t s, int trim,
                                   int64_t* index, int64_t* stats, cudaStream_t stream);
 
-// Gathers m rows: hidden_out[k] = hidden[index[k], :length] (row_elements = s * h elements of
+// Gathers m rows of n: hidden_out[k] = hidden[index[k], :length] (row_elements = s * h elements of
 // element_size bytes per input row), mask_out[k] = mask[index[k], :length], rows_out[k] = rows[index[k]].
+// An index outside [0, n) stops the kernel (the launch then fails) instead of reading out of bounds.
 cudaError_t fastbert_compact_gather(const void* hidden, const int64_t* mask, const int64_t* rows,
-                                    const int64_t* index, int64_t m, int64_t s, int64_t h, int64_t length,
+                                    const int64_t* index, int64_t n, int64_t m, int64_t s, int64_t h, int64_t length,
                                     int64_t element_size, void* hidden_out, int64_t* mask_out, int64_t* rows_out,
                                     cudaStream_t stream);
 

@@ -19,7 +19,16 @@ from . import backends, torch_kernels
 from .backends import BACKENDS, ENV_VAR, BackendUnavailableError, report, select_backend
 from .library import op
 from .sync_counter import host_read
-from .types import EXIT_CRITERIA, BranchWeights, Compacted, ExitHeadOutput, FoldedWeights, check_exit_rule, check_streak
+from .types import (
+    EXIT_CRITERIA,
+    BranchWeights,
+    Compacted,
+    ExitHeadOutput,
+    FoldedWeights,
+    check_exit_rule,
+    check_hidden_and_mask,
+    check_streak,
+)
 
 __all__ = [
     "BACKENDS",
@@ -36,22 +45,6 @@ __all__ = [
     "report",
     "select_backend",
 ]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_hidden_mask(hidden: torch.Tensor, mask: torch.Tensor) -> None:
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [N, S, H], got shape {tuple(hidden.shape)}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
-    if mask.shape != hidden.shape[:2]:
-        raise ValueError(f"mask must be [N, S] = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
-    if mask.dtype != torch.int64:
-        raise TypeError(f"mask must be int64, got {mask.dtype}")
-    if mask.device != hidden.device:
-        raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
-
 
 def _dispatch_to(device: torch.device) -> None:
     # Outside compiled graphs only: the registration is made by the first eager call (or at
@@ -94,7 +87,7 @@ def exit_head(
         ValueError for inputs that need gradients: the kernels are not differentiable; the branch
         module's forward is (:meth:`fastbert_kernels.BranchClassifier.exit_decision` picks it).
     """
-    _check_hidden_mask(hidden, mask)
+    check_hidden_and_mask(hidden, mask)
     if not isinstance(weights, FoldedWeights):
         raise TypeError(f"weights must be FoldedWeights (BranchWeights.fold), got {type(weights).__name__}")
     r, h = weights.w_in.shape
@@ -156,7 +149,7 @@ def compact(
         ``S'``. One host read (one device sync on a GPU) for M, S' and padded. Differentiable when
         ``hidden`` needs gradients (then a plain index_select).
     """
-    _check_hidden_mask(hidden, mask)
+    check_hidden_and_mask(hidden, mask)
     n = mask.shape[0]
     if rows.shape != (n,) or rows.dtype != torch.int64:
         raise ValueError(f"rows must be int64 [N] = [{n}], got {rows.dtype} {tuple(rows.shape)}")

@@ -129,9 +129,17 @@ def exit_decision(
     streak: torch.Tensor | None = None,
 ) -> ExitHeadOutput:
     """The exit rule on a branch's logits ``[N, C]``: the criterion's uncertainty of
-    ``logits / temperature`` and :func:`update_streak`; the logits are returned undivided."""
-    u = uncertainty(logits, criterion, temperature)
-    exits, new_streak = update_streak(logits.argmax(dim=-1), u, speed, patience, streak)
+    ``logits / temperature`` and :func:`update_streak`; the logits are returned undivided.
+
+    A row with a non-finite logit (NaN or inf: an fp16 overflow upstream, say) is never confident:
+    its uncertainty is NaN, it does not exit, its streak is 0 and its recorded argmax 0. It goes on
+    to the next layer and, if every student stays unsure of it, gets the teacher's answer, which is
+    what the unpatched model gives. Every backend does exactly this.
+    """
+    finite = torch.isfinite(logits).all(dim=-1)
+    u = torch.where(finite, uncertainty(logits, criterion, temperature), float("nan"))
+    prediction = torch.where(finite, logits.argmax(dim=-1), 0)
+    exits, new_streak = update_streak(prediction, u, speed, patience, streak)
     return ExitHeadOutput(logits, u, exits, new_streak)
 
 

@@ -14,7 +14,15 @@ from typing import NamedTuple
 import torch
 
 from .sync_counter import counted_launch
-from .types import EXIT_CRITERIA, BranchWeights, FoldedWeights, check_exit_rule, check_streak
+from .types import (
+    EXIT_CRITERIA,
+    BranchWeights,
+    FoldedWeights,
+    check_exit_rule,
+    check_folded_weights,
+    check_hidden_and_mask,
+    check_streak,
+)
 
 try:
     import triton
@@ -122,9 +130,14 @@ def exit_head(
     streak: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``fastbert::exit_head`` op on Triton: the vendor GEMM, then three kernels."""
-    # Reached through the dispatcher too, past the Python wrapper's checks: the same checks here.
+    # Reached through the dispatcher too, past the Python wrapper's checks: the C++ binding's
+    # checks here (the kernels index the weights by these shapes and read them as float32).
     check_exit_rule(criterion, temperature, patience)
+    check_hidden_and_mask(hidden, mask)
+    if not 0.0 <= speed <= 1.0:
+        raise ValueError(f"speed must be in [0, 1], got {speed}")
     w = FoldedWeights(*weights)
+    check_folded_weights(hidden, w, num_heads)
     hidden = hidden.contiguous()
     n, s, h = hidden.shape
     r, c = w.b_in.shape[0], w.b_cls.shape[0]
@@ -136,6 +149,8 @@ def exit_head(
     new_streak = torch.empty(n, 2, dtype=torch.int64, device=device)
     if n == 0:
         return logits, uncertainty, exits, new_streak
+    if s == 0:  # the kernels read token 0 (the CLS query) of every row
+        raise ValueError("hidden has an empty sequence axis (S = 0)")
     check_streak(streak, n, device)
     if streak is not None:
         streak = streak.contiguous()

@@ -217,8 +217,11 @@ def _exit_tail_kernel(
     # when it did). With m = max x: argmax = the first c with x_c = m; the runner-up is m when m
     # occurs twice, else the largest x_c < m.
     tl.debug_barrier()
+    # C is only the identity of the min-reduction below: a finite row always meets its maximum
+    # (x is recomputed from the same stored float32), and a non-finite row records 0 at the end.
     argmax = tl.full([BLOCK_N], C, tl.int32)
     ties = tl.zeros([BLOCK_N], dtype=tl.int32)
+    nonfinite = tl.zeros([BLOCK_N], dtype=tl.int32)
     below = tl.full([BLOCK_N], float("-inf"), tl.float32)
     for c_start in range(0, C, BLOCK_J):
         c = c_start + tl.arange(0, BLOCK_J)
@@ -229,6 +232,9 @@ def _exit_tail_kernel(
         argmax = tl.minimum(argmax, tl.min(tl.where(top, c[None, :], C), axis=1))
         ties += tl.sum(top.to(tl.int32), axis=1)
         below = tl.maximum(below, tl.max(tl.where(top, float("-inf"), x), axis=1))
+        # NaN != NaN, and |inf| is the only value above the largest float.
+        bad = ((stored != stored) | (tl.abs(stored) > 3.4028234663852886e38)) & c_ok[None, :]
+        nonfinite += tl.sum(bad.to(tl.int32), axis=1)
     second = tl.where(ties > 1, running_max, below)
     if CRITERION == MAX_PROB:
         uncertainty = 1.0 - 1.0 / total
@@ -236,9 +242,12 @@ def _exit_tail_kernel(
         uncertainty = 1.0 - (1.0 - tl.exp(second - running_max)) / total
     else:
         uncertainty = (tl.log(total) - weighted / total) / log_classes
-    uncertainty = tl.minimum(tl.maximum(uncertainty, 0.0), 1.0)
+    # A row with a non-finite logit is never confident: u = NaN, recorded argmax 0 (as in
+    # fastbert/exit_head_math.h). tl.maximum/tl.minimum drop NaN, so the clamp must not see it.
+    finite = nonfinite == 0
+    uncertainty = tl.where(finite, tl.minimum(tl.maximum(uncertainty, 0.0), 1.0), float("nan"))
     # Patience: how many students in a row were confident and agreed (fastbert/exit_rule.h).
-    argmax64 = argmax.to(tl.int64)
+    argmax64 = tl.where(finite, argmax, 0).to(tl.int64)
     streak = tl.full([BLOCK_N], 1, tl.int64)
     if HAS_STREAK:
         previous_argmax = tl.load(streak_in_ptr + 2 * rows64, mask=rows_ok, other=-1)

@@ -35,6 +35,24 @@ def check_exit_rule(criterion: str, temperature: float, patience: int) -> None:
         raise ValueError(f"patience must be at least 1, got {patience}")
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_hidden_and_mask(hidden: torch.Tensor, mask: torch.Tensor) -> None:
+    """A ``ValueError``/``TypeError`` that names the problem unless ``hidden`` is ``[N, S, H]`` of a
+    float dtype the kernels take and ``mask`` int64 ``[N, S]`` on the same device."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [N, S, H], got shape {tuple(hidden.shape)}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    if mask.shape != hidden.shape[:2]:
+        raise ValueError(f"mask must be [N, S] = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.int64:
+        raise TypeError(f"mask must be int64, got {mask.dtype}")
+    if mask.device != hidden.device:
+        raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
+
+
 def check_streak(streak: torch.Tensor | None, rows: int, device: torch.device) -> None:
     """A ``ValueError`` that names the problem unless ``streak`` is None or int64 ``[rows, 2]`` on ``device``."""
     if streak is None:
@@ -43,6 +61,33 @@ def check_streak(streak: torch.Tensor | None, rows: int, device: torch.device) -
         raise ValueError(f"streak must be int64 [N, 2] = [{rows}, 2], got {streak.dtype} {tuple(streak.shape)}")
     if streak.device != device:
         raise ValueError(f"streak is on {streak.device} but hidden is on {device}")
+
+
+def check_folded_weights(hidden: torch.Tensor, weights: FoldedWeights, num_heads: int) -> int:
+    """What the C++ binding checks of the folded weights (``fastbert/checks.h``), for the kernels
+    that have no C++ in front of them (Triton): every shape against ``hidden [N, S, H]``, R and
+    ``num_heads``; ``w_in`` in hidden's dtype, the rest float32; all contiguous and on hidden's
+    device. Raises ``ValueError``/``TypeError`` naming the tensor; returns R."""
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    if weights.w_in.dim() != 2 or weights.w_cls.dim() != 2:
+        raise ValueError(f"w_in and w_cls must be 2-D, got {tuple(weights.w_in.shape)}, {tuple(weights.w_cls.shape)}")
+    r, c, h = weights.w_in.shape[0], weights.w_cls.shape[0], hidden.shape[-1]
+    if c < 2:
+        raise ValueError(f"the branch needs at least 2 classes, got {c}")
+    qk = num_heads * r
+    expected = FoldedWeights((r, h), (r,), (qk, r), (qk,), (r, qk), (r,), (r, r), (r,), (c, r), (c,))
+    for name, tensor, shape in zip(FoldedWeights._fields, weights, expected, strict=True):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        dtype = hidden.dtype if name == "w_in" else torch.float32
+        if tensor.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    return r
 
 
 class ExitHeadOutput(NamedTuple):

@@ -82,6 +82,9 @@ FB_HOST_DEVICE OnlineSoftmax online_softmax_merge(OnlineSoftmax a, OnlineSoftmax
 // What every criterion needs from one row's logits l (C >= 2), with x_c = l_c / T:
 //   top1, top2   the largest and second-largest raw logit (top2 = top1 on a tie), argmax the
 //                first index of top1 (torch.argmax's choice);
+//   finite   whether every logit is finite. A row with a NaN or an infinite logit is never
+//            confident: its uncertainty is NaN (so `u < speed` is false on every backend), its
+//            recorded argmax is 0, and it goes on to the next layer and, in the end, the teacher.
 //   sum      S = sum_c exp(x_c - x_top1)               (so p_top1 = 1 / S)
 //   weighted A = sum_c exp(x_c - x_top1) (x_c - x_top1)  (so H(p) = log S - A / S)
 struct ExitMoments {
@@ -90,6 +93,7 @@ struct ExitMoments {
   int64_t argmax;
   float sum;
   float weighted;
+  bool finite;
 };
 
 // Folds one more logit into a running (top1, argmax, top2); indices must arrive in increasing
@@ -125,14 +129,23 @@ FB_HOST_DEVICE void softmax_moments_add(float logit, float top1, float inv_tempe
 
 // The moments of one row's logits, in two passes (the CPU kernel; CUDA splits them over a warp).
 FB_HOST_DEVICE ExitMoments exit_moments(const float* logits, int64_t num_classes, float inv_temperature) {
-  ExitMoments m{-INFINITY, -INFINITY, 0, 0.f, 0.f};
-  for (int64_t c = 0; c < num_classes; ++c) top2_update(logits[c], c, &m.top1, &m.argmax, &m.top2);
+  ExitMoments m{-INFINITY, -INFINITY, 0, 0.f, 0.f, true};
+  for (int64_t c = 0; c < num_classes; ++c) {
+    top2_update(logits[c], c, &m.top1, &m.argmax, &m.top2);
+    m.finite = m.finite && isfinite(logits[c]);
+  }
   for (int64_t c = 0; c < num_classes; ++c) softmax_moments_add(logits[c], m.top1, inv_temperature, &m.sum, &m.weighted);
   return m;
 }
 
-// The criterion's uncertainty in [0, 1] from the moments (see fastbert/exit_rule.h).
+// The argmax a row's patience state records: the first maximum, or 0 for a non-finite row.
+FB_HOST_DEVICE int64_t exit_argmax(const ExitMoments& m) { return m.finite ? m.argmax : 0; }
+
+// The criterion's uncertainty in [0, 1] from the moments (see fastbert/exit_rule.h); NaN for a
+// row with a non-finite logit. The clamp below must not see such a row: fminf/fmaxf drop NaN, so
+// a NaN row would come out as u = 0, fully certain.
 FB_HOST_DEVICE float exit_uncertainty(const ExitMoments& m, int criterion, int64_t num_classes, float inv_temperature) {
+  if (!m.finite) return NAN;
   float u;
   if (criterion == FASTBERT_EXIT_max_prob) {
     u = 1.f - 1.f / m.sum;
@@ -144,7 +157,7 @@ FB_HOST_DEVICE float exit_uncertainty(const ExitMoments& m, int criterion, int64
   return fminf(fmaxf(u, 0.f), 1.f);  // rounding may leave the formulas a hair outside
 }
 
-// The patience rule for one row. `previous` is the row's state after the last student, or null
+// The patience rule for one row (a NaN uncertainty is never below speed: streak 0, no exit). `previous` is the row's state after the last student, or null
 // before the first: {argmax, streak}, streak = how many students in a row up to it were confident
 // and agreed. Writes this student's state to `next` and returns whether the row leaves.
 FB_HOST_DEVICE bool update_streak(int64_t argmax, float uncertainty, const FastbertExitRule& rule,

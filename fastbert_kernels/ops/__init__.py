@@ -46,6 +46,7 @@ __all__ = [
     "select_backend",
 ]
 
+
 def _dispatch_to(device: torch.device) -> None:
     # Outside compiled graphs only: the registration is made by the first eager call (or at
     # import, below) and a graph then holds the op, whichever kernel serves it.

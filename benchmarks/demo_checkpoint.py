@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 import fastbert_kernels as fbk
 
 DEMO_CACHE = Path(".cache/fastbert_demo")
@@ -21,4 +19,5 @@ def load_checkpoint(path: str | None):
         if not found:
             return None
         checkpoint = found[-1]
-    return fbk.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(str(checkpoint)), checkpoint
+    model, tokenizer = fbk.load_checkpoint(checkpoint)
+    return model, tokenizer, checkpoint

@@ -327,6 +327,7 @@ def spread_students(model) -> None:
         for branch in fbk.students(model):
             for p in branch.parameters():
                 p.normal_(0, 2.0 / p.shape[-1] ** 0.5)
+    fbk.fastbert_config(model).students_trained = True  # they stand for trained students
 
 
 def unpatched_forward(model, batches: list[dict]) -> None:

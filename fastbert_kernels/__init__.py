@@ -5,7 +5,7 @@
     fbk.distill(model, unlabelled_texts, tokenizer)
     fbk.calibrate(model, fbk.exit_profile(model, validation_batches), labels, max_accuracy_drop=0.01)
     out = model(**batch)                     # out.logits [B, C], out.exit_layer [B], out.uncertainty [B]
-    model.save_pretrained(d); model = fbk.from_pretrained(d)
+    fbk.save_pretrained(model, d, tokenizer=tokenizer); model, tokenizer = fbk.load_checkpoint(d)
 
 Importing never fails for a missing compiled build: the ops fall back to plain torch, and
 ``python -m fastbert_kernels env`` says what each device will use.
@@ -17,11 +17,12 @@ from . import ops
 from .architectures import ARCHITECTURES
 from .branch import BranchClassifier
 from .calibration import Calibration, ExitProfile, ExitSetting, calibrate, choose_speed, exit_profile
+from .checkpoint import save_pretrained
 from .config import FastBertConfig
 from .corpus import classify_corpus
 from .modeling import FastBertOutput, fastbert_config, is_patched, patch, students, unpatch
 from .pipelines import FastBertTextClassificationPipeline, pipeline
-from .serialization import from_pretrained
+from .serialization import from_pretrained, load_checkpoint
 from .serving import Engine, EngineResult
 from .training import TrainHistory, TrainingOptions, distill, fine_tune, student_kl
 
@@ -50,9 +51,11 @@ __all__ = [
     "fine_tune",
     "from_pretrained",
     "is_patched",
+    "load_checkpoint",
     "ops",
     "patch",
     "pipeline",
+    "save_pretrained",
     "student_kl",
     "students",
     "unpatch",

@@ -271,6 +271,26 @@ def _check_target(max_accuracy_drop: float | None, min_speedup: float | None) ->
         raise ValueError(f"min_speedup must be positive, got {min_speedup}")
 
 
+def check_labels(labels, profile: ExitProfile) -> torch.Tensor:
+    """``labels`` as an int64 CPU tensor ``[N]``, one class in ``[0, C)`` per profiled sample; a
+    ``ValueError``/``TypeError`` that names the problem otherwise (a rule fitted to labels that
+    cannot be right, an ignore index of -100 say, would be written into the config)."""
+    labels = torch.as_tensor(labels).cpu()
+    n, num_classes = profile.logits.shape[0], profile.logits.shape[-1]
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape [N] = [{n}] (one per profiled sample), got {list(labels.shape)}")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise ValueError(
+            f"{int(bad.sum())} labels are not classes of [0, {num_classes}); the first is labels[{first}] = "
+            f"{int(labels[first])}"
+        )
+    return labels.long()
+
+
 def calibrate(
     model,
     profile: ExitProfile,
@@ -295,9 +315,7 @@ def calibrate(
     Raises ``ValueError`` when no setting meets the target.
     """
     _check_target(max_accuracy_drop, min_speedup)
-    if len(labels) != profile.logits.shape[0]:
-        raise ValueError(f"{len(labels)} labels for a profile of {profile.logits.shape[0]} samples")
-    labels = labels.cpu()
+    labels = check_labels(labels, profile)
     teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean())
     table = FlopsTable(model, profile.lengths)
     curves: dict[tuple[str, float, int], list[ExitSetting]] = {}
@@ -340,7 +358,7 @@ def choose_speed(
     Returns the speed and its accuracy / speed-up. Raises if no speed meets the target.
     """
     _check_target(max_accuracy_drop, min_speedup)
-    labels = labels.cpu()
+    labels = check_labels(labels, profile)
     teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean())
     table = sweep(profile, labels, model, criterion, temperature, patience, speeds or SPEED_GRID)
     if max_accuracy_drop is not None:

@@ -57,7 +57,10 @@ class FastBertConfig:
         exit_patience: a sample leaves after the k-th student in a row that was confident
             (uncertainty below the speed) and agreed with the previous ones on the class; 1 is the
             paper's rule, and with speed 1 every student counts as confident (PABEE's rule).
-    :func:`fastbert_kernels.calibrate` chooses the last three and the speed on validation data.
+        students_trained: whether the students were distilled (set by
+            :func:`fastbert_kernels.distill`, saved with the checkpoint). Students that never were
+            answer at random, so the model warns at ``speed > 0`` and the command line refuses.
+    :func:`fastbert_kernels.calibrate` chooses the exit rule and the speed on validation data.
     """
 
     branch_size: int = 128
@@ -68,16 +71,30 @@ class FastBertConfig:
     exit_criterion: str = "entropy"
     exit_temperature: float = 1.0
     exit_patience: int = 1
+    students_trained: bool = False
 
     def __post_init__(self) -> None:
+        for name, kind in (("branch_size", int), ("branch_heads", int), ("exit_patience", int)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        for name in ("trim_sequence", "students_trained"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.teacher not in ("model", "branch"):
             raise ValueError(f"teacher must be 'model' or 'branch', got {self.teacher!r}")
         if self.branch_size <= 0 or self.branch_heads <= 0 or self.branch_size % self.branch_heads:
             raise ValueError(
                 f"branch_size ({self.branch_size}) must be a positive multiple of branch_heads ({self.branch_heads})"
             )
-        self.default_speed = check_speed(self.default_speed)
-        check_exit_rule(self.exit_criterion, self.exit_temperature, self.exit_patience)
+        try:
+            self.default_speed = check_speed(self.default_speed)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"default_speed: {err}") from err
+        try:
+            check_exit_rule(self.exit_criterion, self.exit_temperature, self.exit_patience)
+        except (TypeError, ValueError) as err:  # the messages name the rule's parts, not the keys
+            raise type(err)(f"exit_criterion/exit_temperature/exit_patience: {err}") from err
         self.exit_temperature = float(self.exit_temperature)
 
     @property
@@ -109,8 +126,13 @@ class FastBertConfig:
         version = data.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ValueError(f"{path} has format_version {version}, this package reads {FORMAT_VERSION}")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
-            raise ValueError(f"{path} has unknown keys {sorted(unknown)}")
-        return cls(**data)
+            raise ValueError(f"{path} has unknown keys {sorted(unknown)}; known: {', '.join(sorted(fields))}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:  # the message names the key and what it allows
+            raise ValueError(f"{path}: {err}") from err

@@ -14,11 +14,12 @@ one line per input text, in input order, none lost or duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -27,29 +28,101 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import check_speed
 from .encoder import model_device
-from .modeling import fastbert_config, is_patched
+from .state import check_students_trained, fastbert_config, is_patched
 
 MANIFEST_FILE = "manifest.json"
 
 
-def read_texts(source: Sequence[str] | str | Path) -> list[str]:
-    """Texts from a sequence (list, pandas Series, numpy array) or a file: ``.txt`` (one text a
-    line), ``.jsonl`` (a ``text`` field a line) or ``.csv`` (a ``text`` column)."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is not a file (pass a list of texts or a .txt/.jsonl/.csv file)")
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                return [json.loads(line)["text"] for line in handle if line.strip()]
-        if path.suffix == ".csv":
-            import pandas as pd
+CORPUS_FORMATS = (".txt", ".jsonl", ".csv")
 
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-            if "text" not in frame.columns:
-                raise ValueError(f"{path} has no 'text' column")
-            return frame["text"].tolist()
-        return path.read_text(encoding="utf-8").splitlines()
+
+class CorpusFormatError(ValueError):
+    """A corpus file that cannot be read as its format says, with the line that breaks it."""
+
+
+def _decoded_lines(path: Path):
+    """``(line number, text)`` of every line of ``path``, split at ``\n`` only (``str.splitlines``
+    also breaks at U+2028, \x0b, \x1c, \x85 and others, which shifts every row after such a
+    character); a ``\r`` before the ``\n`` is dropped, as is the empty piece after a final ``\n``."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            raw = raw[:-1] if raw.endswith(b"\r") else raw
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CorpusFormatError(
+                    f"{path}, line {number}: not valid UTF-8 ({err.reason} at byte {err.start})"
+                ) from err
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts = []
+    for number, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusFormatError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict) or "text" not in row:
+            raise CorpusFormatError(f"{path}, line {number}: a JSON Lines corpus needs an object with a 'text' field")
+        if not isinstance(row["text"], str):
+            raise CorpusFormatError(f"{path}, line {number}: 'text' must be a string, got {type(row['text']).__name__}")
+        texts.append(row["text"])
+    return texts
+
+
+def _read_csv(path: Path) -> list[str]:
+    """The ``text`` column of a CSV file (the standard library's reader: no pandas needed)."""
+    import csv
+
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or "text" not in reader.fieldnames:
+                raise CorpusFormatError(f"{path} has no 'text' column (columns: {reader.fieldnames or []})")
+            texts = []
+            for row in reader:
+                text = row["text"]
+                if text is None:
+                    raise CorpusFormatError(f"{path}, line {reader.line_num}: the row has no 'text' value")
+                texts.append(text)
+            return texts
+    except UnicodeDecodeError as err:
+        raise CorpusFormatError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+    except csv.Error as err:
+        raise CorpusFormatError(f"{path}: not valid CSV ({err})") from err
+
+
+def check_corpus_path(path: str | Path) -> Path:
+    """``path`` as a Path, if it is a file of a known corpus format (:data:`CORPUS_FORMATS`); else
+    the error :func:`read_texts` would raise, without reading the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a file (pass a list of texts or a .txt/.jsonl/.csv file)")
+    if path.suffix.lower() not in CORPUS_FORMATS:
+        raise CorpusFormatError(
+            f"{path}: unknown corpus format {path.suffix or '(no suffix)'!r}; known: {', '.join(CORPUS_FORMATS)}"
+        )
+    return path
+
+
+def read_texts(source: Sequence[str] | str | Path) -> list[str]:
+    """Texts from a sequence (list, pandas Series, numpy array) or a file, by its suffix (any case):
+    ``.txt`` (one text a line, split at ``\n`` only), ``.jsonl`` (an object with a ``text``
+    string a line) or ``.csv`` (a ``text`` column). Any other suffix is refused by name, and a
+    malformed file names the line that breaks it."""
+    if isinstance(source, (str, Path)):
+        path = check_corpus_path(source)
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".csv":
+            return _read_csv(path)
+        return [line for _, line in _decoded_lines(path)]
+    if isinstance(source, (bytes, bytearray)):
+        raise TypeError("the corpus must hold strings, got bytes (decode them, or pass a file path as a str)")
     texts = source.tolist() if hasattr(source, "tolist") else list(source)
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("the corpus must hold strings")
@@ -115,18 +188,102 @@ def _worker(rank: int, world: int, model, tokenizer, texts, shards: Path, settin
     _run_shards(model, tokenizer, texts, shards, rank, world, settings, progress=rank == 0)
 
 
-def _prepare(shards: Path, texts: list[str], settings: dict) -> None:
+def model_fingerprint(model) -> str:
+    """SHA-256 over every parameter and buffer of ``model`` (names, dtypes, shapes, bytes), the
+    students included: two jobs agree on it only if they answer alike."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}\0".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of the tokenizer's vocabulary and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps([vocab, tokenizer.all_special_tokens]).encode()).hexdigest()
+
+
+def _job_manifest(model, tokenizer, texts: list[str], settings: dict) -> dict:
+    """What a job's rows depend on: the corpus, the settings, the model and its exit rule, the
+    tokenizer. A rerun resumes only when all of it is the same."""
+    config = fastbert_config(model)
+    return {
+        "texts": len(texts),
+        "corpus_sha256": _fingerprint(texts),
+        **settings,
+        "model_sha256": model_fingerprint(model),
+        "exit_rule": list(config.exit_rule),
+        "trim_sequence": config.trim_sequence,
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def _prepare(shards: Path, manifest: dict) -> None:
     """Creates the shard folder, or checks that the one there belongs to this same job."""
-    manifest = {"texts": len(texts), "corpus_sha256": _fingerprint(texts), **settings}
     path = shards / MANIFEST_FILE
     if path.is_file():
         found = json.loads(path.read_text())
         if found != manifest:
-            changed = sorted(k for k in manifest if found.get(k) != manifest[k])
-            raise ValueError(f"{shards} holds shards of another job (different {changed}); remove it or change output")
+            changed = sorted(k for k in {**found, **manifest} if found.get(k) != manifest.get(k))
+            raise ValueError(
+                f"{shards} holds shards of another job (different {', '.join(changed)}): remove it, or write "
+                "to another output"
+            )
         return
     shards.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=1))
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(manifest, indent=1))
+    partial.replace(path)
+
+
+@contextlib.contextmanager
+def _job_lock(output: Path) -> Iterator[None]:
+    """One job per output at a time: ``<output>.lock`` holds the owner's pid. A second job on the
+    same output is refused with a clear message while the first runs; a lock whose process is
+    gone (killed) is taken over, so that resume after a kill works."""
+    lock = output.with_name(output.name + ".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _alive(owner):
+                raise RuntimeError(
+                    f"another job (pid {owner}) is writing {output}; wait for it, or write to another output"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        break
+    else:
+        raise RuntimeError(f"could not take the lock {lock}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_output_is_not_an_input(output: Path, corpus) -> None:
+    if isinstance(corpus, (str, Path)) and Path(corpus).resolve() == output.resolve():
+        raise ValueError(f"the output {output} is the corpus itself: writing it would destroy the input")
 
 
 def _join(shards: Path, output: Path, total: int, shard_size: int) -> None:
@@ -172,18 +329,28 @@ def classify_corpus(
         raise ValueError(
             f"batch_size, shard_size and workers must be positive, got {batch_size}, {shard_size}, {workers}"
         )
+    output = Path(output)
+    _check_output_is_not_an_input(output, corpus)
     texts = read_texts(corpus)
     if not texts:
         raise ValueError("the corpus is empty")
     speed = check_speed(fastbert_config(model).default_speed if speed is None else speed)
-    output = Path(output)
+    check_students_trained(model, speed)
     shards = output.with_name(output.name + ".shards")
     settings = {"speed": speed, "batch_size": batch_size, "max_length": max_length, "shard_size": shard_size}
     group = distributed.context(model_device(model))
     model.eval()
-    if group.is_main:
-        _prepare(shards, texts, settings)
-    group.barrier()
+    with _job_lock(output) if group.is_main else contextlib.nullcontext():
+        if group.is_main:
+            _prepare(shards, _job_manifest(model, tokenizer, texts, settings))
+        group.barrier()
+        _classify_job(model, tokenizer, texts, shards, output, settings, group, workers, progress)
+    return output
+
+
+def _classify_job(model, tokenizer, texts, shards: Path, output: Path, settings: dict, group, workers, progress):
+    """The shards of a prepared job, then (on the main process) the joined output."""
+    shard_size = settings["shard_size"]
     if group.distributed:
         _run_shards(model, tokenizer, texts, shards, group.rank, group.world, settings, progress)
         group.barrier()
@@ -203,4 +370,3 @@ def classify_corpus(
             path.unlink()
         shards.rmdir()
     group.barrier()
-    return output

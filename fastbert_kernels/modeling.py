@@ -28,7 +28,15 @@ from .config import FastBertConfig, check_speed
 from .encoder import EncoderInputs, embed, layer_context, model_device, run_layers
 from .ops.reference import uncertainty, update_streak
 from .ops.sync_counter import host_read
-from .state import BRANCHES_ATTR, CONFIG_ATTR, branch_modules, fastbert_config, is_patched, students
+from .state import (
+    BRANCHES_ATTR,
+    CONFIG_ATTR,
+    branch_modules,
+    check_students_trained,
+    fastbert_config,
+    is_patched,
+    students,
+)
 
 __all__ = [
     "FastBertOutput",
@@ -95,6 +103,7 @@ def adaptive_forward(
         # The largest speed is the one number that decides between the paths below.
         per_row, speed = check_row_speeds(speed, input_ids if input_ids is not None else inputs_embeds, self)
     speed = check_speed(config.default_speed if speed is None else speed)
+    check_students_trained(self, speed)
     for flag in ("output_attentions", "output_hidden_states"):
         if kwargs.pop(flag, False):
             raise NotImplementedError(f"{flag} is not available from the adaptive forward (samples leave early)")

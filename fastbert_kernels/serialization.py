@@ -8,8 +8,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .checkpoint import FINGERPRINT_KEY, weights_fingerprint
-from .config import BRANCHES_FILE, FastBertConfig
+from .checkpoint import FINGERPRINT_KEY, TOKENIZER_FILES, model_weight_files, weights_fingerprint
+from .config import BRANCHES_FILE, CONFIG_FILE, FastBertConfig
 from .modeling import patch
 from .state import branch_modules
 
@@ -36,10 +36,11 @@ def load_branches(model: nn.Module, directory: str | Path) -> None:
             f"depth, width, class count or teacher mode?): {shown}"
         ) from err
     if saved_fingerprint is not None and saved_fingerprint != weights_fingerprint(Path(directory)):
+        files = ", ".join(p.name for p in model_weight_files(Path(directory))) or "none"
         raise ValueError(
-            f"the model weights in {directory} are not the ones its FastBERT students were distilled "
-            "from (another model was saved over it?); patch and distil this model again, or load the "
-            "plain model with AutoModelForSequenceClassification"
+            f"the model weights in {directory} ({files}) are not the ones its FastBERT students were "
+            "saved with (another model was saved over them?); patch and distil this model again, or "
+            "load the plain model with AutoModelForSequenceClassification"
         )
 
 
@@ -61,3 +62,54 @@ def from_pretrained(directory: str | Path, **kwargs) -> nn.Module:
     load_branches(model, directory)
     model.eval()
     return model
+
+
+def load_tokenizer(directory: str | Path, model: nn.Module):
+    """The tokenizer saved in ``directory``, checked against ``model``: every id it can produce is
+    a row of the embedding (its size is at most ``vocab_size`` and not far below it), and its pad
+    token is the model's. Without tokenizer files a ``FileNotFoundError`` says how to save one
+    (transformers would otherwise build a placeholder whose every word is the same id)."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{directory} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); save it beside the model: "
+            "fastbert_kernels.save_pretrained(model, directory, tokenizer=tokenizer), or "
+            "tokenizer.save_pretrained(directory)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    vocab_size = getattr(model.config, "vocab_size", None)
+    size = len(tokenizer)
+    # Embeddings are often padded past the vocabulary (to a multiple of 8 or 64), never below it.
+    if vocab_size is not None and not (0.9 * vocab_size <= size <= vocab_size):
+        raise ValueError(
+            f"the tokenizer in {directory} has {size} tokens but the model's embedding has "
+            f"{vocab_size} rows: they do not belong together (save the model's own tokenizer there)"
+        )
+    model_pad = getattr(model.config, "pad_token_id", None)
+    if model_pad is not None and tokenizer.pad_token_id is not None and tokenizer.pad_token_id != model_pad:
+        raise ValueError(
+            f"the tokenizer in {directory} pads with id {tokenizer.pad_token_id} but the model's "
+            f"pad_token_id is {model_pad}: they do not belong together"
+        )
+    return tokenizer
+
+
+def load_checkpoint(directory: str | Path, **kwargs) -> tuple[nn.Module, object]:
+    """A patched model and its checked tokenizer from ``directory``: a FastBERT checkpoint, or a
+    plain fine-tuned ``...ForSequenceClassification`` one (patched here; its fresh students are
+    untrained, so it runs at speed 0 until distilled). Keyword arguments go to ``from_pretrained``."""
+    from transformers import AutoModelForSequenceClassification
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint {directory} is not a directory")
+    if (directory / CONFIG_FILE).is_file():
+        model = from_pretrained(directory, **kwargs)
+    else:
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{directory} is not a Hugging Face checkpoint (no config.json)")
+        kwargs.setdefault("local_files_only", True)
+        model = patch(AutoModelForSequenceClassification.from_pretrained(str(directory), **kwargs))
+    return model, load_tokenizer(directory, model)

@@ -30,6 +30,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import itertools
+import numbers
 import threading
 import time
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ from .encoder import embed, layer_context, model_device
 from .modeling import teacher_logits
 from .ops.reference import uncertainty as criterion_uncertainty
 from .ops.reference import update_streak
-from .state import branch_modules, fastbert_config, is_patched
+from .state import branch_modules, check_students_trained, fastbert_config, is_patched
 
 
 class EngineFullError(RuntimeError):
@@ -122,6 +123,17 @@ class EngineStats:
 POLICIES = ("fullest", "deepest", "oldest")
 
 
+def _check_seconds(value, name: str) -> float | None:
+    """None, or a positive finite number of seconds; else the error that says so."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    if not (0 < float(value) < float("inf")):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return float(value)
+
+
 def _pick_depth(rows_by_depth: list[list[_Row]], max_wait_steps: int, policy: str = "fullest") -> int:
     """The depth to run next. Whatever the policy, a starving row's depth comes first (the row
     that waited longest). Then ``fullest``: the depth with the most waiting rows, ties to the
@@ -162,6 +174,8 @@ class Engine:
         max_length: truncation of text requests (default: the model's position limit).
         policy: which depth runs next (:func:`_pick_depth`): ``fullest`` (default), ``deepest``
             or ``oldest``.
+        require_trained_students: refuse (rather than warn about) requests at speed > 0 while
+            the students were never distilled (the server sets it).
     """
 
     def __init__(
@@ -174,6 +188,7 @@ class Engine:
         max_wait_steps: int = 4,
         max_length: int | None = None,
         policy: str = "fullest",
+        require_trained_students: bool = False,
     ) -> None:
         if not is_patched(model):
             raise ValueError("the engine needs a patched model: call fastbert_kernels.patch(model) first")
@@ -182,6 +197,7 @@ class Engine:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
+        self.require_trained_students = require_trained_students
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_wait_steps = max_batch, max_wait_steps
@@ -197,6 +213,7 @@ class Engine:
         self._rows: list[list[_Row]] = [[] for _ in self.layers]
         self._serial = itertools.count()
         self._closed = False
+        self._failure: BaseException | None = None
         self._worker = threading.Thread(target=self._serve, name="fastbert-engine", daemon=True)
         self._worker.start()
 
@@ -216,13 +233,21 @@ class Engine:
         request with :class:`TimeoutError` if it has not finished by then. A bad request gets a
         Future that already holds its error; it never reaches the model. When the engine is full
         the call waits (at most ``wait`` seconds) or, with ``block=False``, raises."""
+        # The call's own arguments first: a bad one raises here, before any slot is taken.
+        timeout = _check_seconds(timeout, "timeout")
+        wait = _check_seconds(wait, "wait")
+        if not isinstance(block, bool):
+            raise TypeError(f"block must be True or False, got {block!r}")
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
             ids = self._encode(request)
             speed = check_speed(fastbert_config(self.model).default_speed if speed is None else speed)
+            check_students_trained(self.model, speed, refuse=self.require_trained_students)
         except (TypeError, ValueError) as err:
             future.set_exception(err)
             return future
+        if self._failure is not None:
+            raise EngineClosedError(f"the engine stopped after an error in its worker: {self._failure!r}")
         if self._closed:
             raise EngineClosedError("the engine is closed")
         if not self._slots.acquire(blocking=block, timeout=wait if block else None):
@@ -243,8 +268,23 @@ class Engine:
         return [f.result() for f in futures]
 
     async def aclassify(self, request: str | Sequence[int], speed: float | None = None) -> EngineResult:
-        """The asyncio form of ``submit(...).result()``; cancelling the task cancels the request."""
-        return await asyncio.wrap_future(self.submit(request, speed=speed))
+        """The asyncio form of ``submit(...).result()``; cancelling the task cancels the request.
+        It never blocks the event loop: when the engine is full, the wait for a slot runs in a
+        thread."""
+        try:
+            future = self.submit(request, speed=speed, block=False)
+        except EngineFullError:
+            future = await asyncio.to_thread(self.submit, request, speed=speed)
+        return await asyncio.wrap_future(future)
+
+    @property
+    def healthy(self) -> bool:
+        """False once the worker stopped on an error it could not contain (then :attr:`failure`)."""
+        return self._failure is None and (self._worker.is_alive() or self._closed)
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
 
     def close(self) -> None:
         """Takes no new requests, finishes every accepted one, stops the worker."""
@@ -272,8 +312,12 @@ class Engine:
             if request.dim() != 1 or request.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"token ids must be an integer tensor [S], got {request.dtype} {tuple(request.shape)}")
             ids = request.to(torch.int64).cpu()
-        elif isinstance(request, Sequence) and all(isinstance(i, int) for i in request):
-            ids = torch.tensor(list(request), dtype=torch.int64)
+        elif (
+            isinstance(request, Sequence)
+            and not isinstance(request, (bytes, bytearray))  # a Sequence of ints, but not token ids
+            and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in request)
+        ):
+            ids = torch.tensor([int(i) for i in request], dtype=torch.int64)
         else:
             raise TypeError(f"a request is a text or a sequence of token ids, got {type(request).__name__}")
         if ids.numel() == 0:
@@ -288,6 +332,23 @@ class Engine:
     # ---- worker side -----------------------------------------------------------------------
 
     def _serve(self) -> None:
+        """The worker. An ``Exception`` in a step fails only that step's rows (:meth:`_step`);
+        anything else (``KeyboardInterrupt``, ``SystemExit``, a ``BaseException`` from a layer)
+        fails every request the engine holds with that error, and marks the engine unhealthy:
+        no future is ever left waiting."""
+        try:
+            self._serve_forever()
+        except BaseException as err:
+            with self._lock:
+                self._failure = err
+                pending = [entry[0] for entry in self._incoming] + [row.future for rows in self._rows for row in rows]
+                self._incoming, self._rows = [], [[] for _ in self.layers]
+            for future in pending:
+                if future.cancelled():
+                    future.set_running_or_notify_cancel()
+            self._fail([f for f in pending if not f.done()], EngineClosedError(f"the engine's worker stopped: {err!r}"))
+
+    def _serve_forever(self) -> None:
         while True:
             with self._lock:
                 while not self._incoming and not any(self._rows) and not self._closed:
@@ -303,8 +364,10 @@ class Engine:
 
     def _admit(self, incoming) -> None:
         for future, ids, speed, deadline, serial, submitted in incoming:
-            # Futures stay pending until answered, so that a client can cancel one in flight.
+            # Futures stay pending until answered, so that a client can cancel one in flight;
+            # a cancelled one is dropped and its waiters told (concurrent.futures' contract).
             if future.cancelled():
+                future.set_running_or_notify_cancel()
                 continue
             try:
                 inputs = embed(self.model, self.arch, ids[None].to(self.device), None)
@@ -320,6 +383,7 @@ class Engine:
             keep = []
             for row in rows:
                 if row.future.cancelled():
+                    row.future.set_running_or_notify_cancel()  # wakes concurrent.futures.wait
                     continue
                 if row.deadline is not None and now > row.deadline:
                     self._fail([row.future], TimeoutError("the request did not finish within its timeout"))
@@ -339,6 +403,9 @@ class Engine:
             self._run(depth, chosen)
         except Exception as err:  # fail the rows of this call, keep serving
             self._fail([row.future for row in chosen], err)
+        except BaseException:  # the worker stops (see _serve); this call's rows are not queued any more
+            self._rows[depth].extend(row for row in chosen if not row.future.done())
+            raise
 
     def _run(self, depth: int, rows: list[_Row]) -> None:
         lengths = [row.hidden.shape[0] for row in rows]

@@ -376,7 +376,7 @@ def distill(
         data, tokenizer, labels, batch_size=options.batch_size, max_length=options.max_length, seed=options.seed
     )
     torch.manual_seed(options.seed)
-    return _run(
+    history = _run(
         model,
         student_params,
         source,
@@ -385,6 +385,8 @@ def distill(
         train_mode=False,
         desc="distilling students",
     )
+    fastbert_config(model).students_trained = True  # saved with the checkpoint
+    return history
 
 
 def fine_tune(

@@ -103,16 +103,19 @@ def random_batch(
 
 
 def spread_branches(model, scale: float = 2.0) -> None:
-    """Random, confident-ish students, so that exits are spread over the layers."""
+    """Random, confident-ish students, so that exits are spread over the layers (they stand for
+    trained ones: the model is told so, and does not warn)."""
     with torch.no_grad():
         for branch in fbk.students(model):
             for p in branch.parameters():
                 p.normal_(0, scale / p.shape[-1] ** 0.5)
+    fbk.fastbert_config(model).students_trained = True
 
 
 def rig_student(model, layer: int, confident: bool) -> None:
     """Student after ``layer`` (1-based): confident (u ~ 0) or uniform (u = 1) whatever the input."""
     branch = fbk.students(model)[layer - 1]
+    fbk.fastbert_config(model).students_trained = True
     with torch.no_grad():
         branch.classifier.weight.zero_()
         branch.classifier.bias.zero_()

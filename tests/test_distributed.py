@@ -31,6 +31,8 @@ def checkpoint(tmp_path_factory) -> Path:
     """A tiny patched BERT with its tokenizer, and a corpus of random word sequences."""
     directory = tmp_path_factory.mktemp("checkpoint")
     model = fbk.patch(tiny_model("bert"))
+    # Its random students stand for distilled ones (the command line refuses untrained students).
+    fbk.fastbert_config(model).students_trained = True
     model.save_pretrained(directory)
     word_tokenizer().save_pretrained(directory)
     generator = torch.Generator().manual_seed(0)

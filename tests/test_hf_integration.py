@@ -192,7 +192,7 @@ def test_students_of_another_model_are_refused(tmp_path):
     patched.save_pretrained(tmp_path)
     fbk.from_pretrained(tmp_path)  # its own students load
     tiny_model("bert").save_pretrained(tmp_path)  # another model over it; the FastBERT files stay
-    with pytest.raises(ValueError, match="not the ones its FastBERT students were distilled from"):
+    with pytest.raises(ValueError, match="not the ones its FastBERT students were saved with"):
         fbk.from_pretrained(tmp_path)
 
 

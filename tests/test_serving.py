@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import random
 import threading
 import time
@@ -14,6 +15,8 @@ import time
 import pytest
 import torch
 from helpers import VOCAB, spread_branches, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastbert_kernels as fbk
 from fastbert_kernels.serving import Engine, EngineClosedError, EngineFullError, _pick_depth, _Row
@@ -344,9 +347,97 @@ def test_http_classify_health_and_metrics(http_server):
         (b'{"text": "a", "speed": 3}', 422, "speed"),
         (b'{"text": "   "}', 422, "empty request"),
         (b'{"text": "' + b"a " * 2000 + b'"}', 413, "byte limit"),
+        (b'{"text": "a", "sped": 0.9}', 422, "unknown fields ['sped']"),
+        (b'{"text": "a", "speed": true}', 422, "speed must be a real number"),
+        (b'{"texts": "a"}', 422, "non-empty list"),
+        (b"[" * 1000 + b"]" * 1000, 422, "nests deeper than 32"),
+        (b'{"text": ' + b"[" * 600 + b"]" * 600 + b"}", 422, "nests deeper than 32"),
+        (b"\xff\xfe", 400, "not valid JSON"),
     ],
 )
 def test_http_bad_bodies_get_clear_4xx(http_server, body, status, message):
     url, _, _ = http_server
     got_status, got = _http(f"{url}/classify", body)
     assert got_status == status and message in got["error"]
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=30,
+)
+_bodies = st.one_of(
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {"text": st.text(max_size=30)}, optional={"speed": _json, "texts": _json, "extra": _json}
+    ).map(lambda v: json.dumps(v).encode()),
+    st.integers(1, 3000).map(lambda depth: b"[" * depth + b"]" * depth),
+    st.binary(max_size=64),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_bodies)
+def test_http_any_body_gets_a_2xx_or_a_4xx(http_server, body):
+    """Any JSON (any depth, types, unicode) or any bytes: an answer with a 2xx or a 4xx and a
+    message, never a 5xx or a reset connection."""
+    url, _, _ = http_server
+    status, answer = _http(f"{url}/classify", body)
+    assert 200 <= status < 500, (status, answer)
+    assert ("results" in answer) if status == 200 else isinstance(answer.get("error"), str)
+
+
+def test_http_client_that_hangs_up_is_dropped_from_the_queues(http_server):
+    """A request whose client is gone does not keep computing: its rows leave the engine."""
+    import socket
+
+    url, model, engine = http_server
+    port = int(url.rsplit(":", 1)[1])
+    release, started = threading.Event(), threading.Event()
+    with _layers_wait_for(model, release, started):
+        blocker = engine.submit([5, 6, 7], speed=0.0)
+        assert started.wait(timeout=30)
+        body = json.dumps({"texts": ["a b", "c d e", "f"], "speed": 0.0}).encode()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 30
+        while sum(len(rows) for rows in engine._rows) + len(engine._incoming) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        client.close()
+        time.sleep(0.3)  # the server sees the hang-up and cancels the request's rows
+        release.set()
+        blocker.result(timeout=60)
+    deadline = time.monotonic() + 30
+    while (any(engine._rows) or engine._incoming) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats.completed == 1  # the blocker alone: the three gone rows never ran to an answer
+
+
+def test_http_health_reports_a_stopped_engine():
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from fastbert_kernels.apps.serve import create_app
+
+    model = _model()
+    layer_class = type(model.bert.encoder.layer[0])
+    original = layer_class.forward
+
+    def dying(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    engine = Engine(model, max_batch=2)
+    layer_class.forward = dying
+    try:
+        with pytest.raises(EngineClosedError):
+            engine.submit([5, 6], speed=0.0).result(timeout=60)
+    finally:
+        layer_class.forward = original
+    client = TestClient(create_app(engine))
+    answer = client.get("/health")
+    assert answer.status_code == 503 and answer.json()["status"] == "unhealthy"
+    engine.close()

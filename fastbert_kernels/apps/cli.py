@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from ..serialization import load_checkpoint
 from ..training import DISTILL_DEFAULTS
 from .demo import DEFAULT_SPEEDS, MAX_ACCURACY_DROP, cmd_demo
 from .environment import environment
-from .loading import load_for_cli
 
 
 def cmd_env(_: argparse.Namespace) -> int:
@@ -39,9 +40,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     import fastbert_kernels as fbk
 
     from .. import distributed
-    from ..corpus import read_texts
+    from ..corpus import check_corpus_path, read_texts
 
-    model, tokenizer = load_for_cli(args.checkpoint)
+    check_corpus_path(args.texts)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     history = fbk.distill(
         model,
         read_texts(args.texts),
@@ -64,9 +66,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     """Classifies a corpus file with a FastBERT checkpoint; works under torchrun."""
     from .. import distributed
-    from ..corpus import classify_corpus
+    from ..corpus import check_corpus_path, classify_corpus
+    from ..state import check_students_trained, fastbert_config
 
-    model, tokenizer = load_for_cli(args.checkpoint)
+    check_corpus_path(args.corpus)  # before the model loads: a wrong path fails in a second
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    speed = fastbert_config(model).default_speed if args.speed is None else args.speed
+    check_students_trained(model, speed, refuse=True)
     out = classify_corpus(
         model,
         args.corpus,
@@ -90,8 +96,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.checkpoint, args.host, args.port, args.max_batch, args.max_body_bytes)
 
 
+def _speed(text: str) -> float:
+    """argparse type: a speed in [0, 1] (a usage error, exit code 2, otherwise)."""
+    from ..config import check_speed
+
+    try:
+        return check_speed(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="python -m fastbert_kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fastbert_kernels {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="build, backends and devices").set_defaults(func=cmd_env)
     for name, help_text, repeats, out in (
@@ -101,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--data", default="rotten_tomatoes", help="rotten_tomatoes, banking77 or a text,label CSV")
         p.add_argument("--teacher", choices=["model", "branch"], default="model")
-        p.add_argument("--epochs", type=int, default=1, help="teacher fine-tuning epochs")
+        p.add_argument("--epochs", type=_positive_int, default=1, help="teacher fine-tuning epochs")
         p.add_argument("--lr", type=float, default=2e-5, help="fine-tuning learning rate")
         p.add_argument("--distill-lr", type=float, default=DISTILL_DEFAULTS.lr, help="distillation learning rate")
-        p.add_argument("--distill-epochs", type=int, default=DISTILL_DEFAULTS.epochs)
+        p.add_argument("--distill-epochs", type=_positive_int, default=DISTILL_DEFAULTS.epochs)
         p.add_argument(
             "--distill-label-weight",
             type=float,
@@ -126,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-train", type=int, default=None, help="use only the first N training texts")
         p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test texts")
         p.add_argument("--batch1-samples", type=int, default=200, help="test texts timed at batch 1")
-        p.add_argument("--max-length", type=int, default=64)
-        p.add_argument("--speeds", type=float, nargs="+", default=DEFAULT_SPEEDS)
-        p.add_argument("--repeats", type=int, default=repeats, help="timing repeats (minimum kept)")
+        p.add_argument("--max-length", type=_positive_int, default=64)
+        p.add_argument("--speeds", type=_speed, nargs="+", default=DEFAULT_SPEEDS)
+        p.add_argument("--repeats", type=_positive_int, default=repeats, help="timing repeats (minimum kept)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--cache-dir", default=".cache/fastbert_demo")
         p.add_argument("--out", default=out)
@@ -137,10 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("checkpoint", help="a FastBERT checkpoint, or a fine-tuned ...ForSequenceClassification one")
     d.add_argument("--texts", required=True, help="unlabelled texts: .txt (one a line), .jsonl or .csv (text)")
     d.add_argument("--out", required=True, help="where to save the distilled FastBERT checkpoint")
-    d.add_argument("--epochs", type=int, default=DISTILL_DEFAULTS.epochs)
-    d.add_argument("--batch-size", type=int, default=32, help="global batch (split over the processes)")
+    d.add_argument("--epochs", type=_positive_int, default=DISTILL_DEFAULTS.epochs)
+    d.add_argument("--batch-size", type=_positive_int, default=32, help="global batch (split over the processes)")
     d.add_argument("--lr", type=float, default=DISTILL_DEFAULTS.lr)
-    d.add_argument("--max-length", type=int, default=128)
+    d.add_argument("--max-length", type=_positive_int, default=128)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--resume-dir", default=None, help="checkpoint the run here and resume from it")
     d.set_defaults(func=cmd_distill)
@@ -148,26 +178,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="a FastBERT checkpoint (with its tokenizer)")
     c.add_argument("corpus", help=".txt (one text a line), .jsonl or .csv (text column)")
     c.add_argument("--out", required=True, help="the .jsonl to write")
-    c.add_argument("--speed", type=float, default=None, help="default: the checkpoint's default speed")
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--max-length", type=int, default=128)
-    c.add_argument("--shard-size", type=int, default=1024)
-    c.add_argument("--workers", type=int, default=1, help="local processes when not launched by torchrun")
+    c.add_argument("--speed", type=_speed, default=None, help="default: the checkpoint's default speed")
+    c.add_argument("--batch-size", type=_positive_int, default=64)
+    c.add_argument("--max-length", type=_positive_int, default=128)
+    c.add_argument("--shard-size", type=_positive_int, default=1024)
+    c.add_argument("--workers", type=_positive_int, default=1, help="local processes when not launched by torchrun")
     c.set_defaults(func=cmd_classify)
     v = sub.add_parser("serve", help="serve a checkpoint over HTTP with the depth-pooled engine")
     v.add_argument("checkpoint", help="a FastBERT checkpoint (with its tokenizer)")
     v.add_argument("--host", default="127.0.0.1", help="the interface to bind (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--max-batch", type=int, default=64, help="the most rows a layer call runs")
-    v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    v.add_argument("--max-batch", type=_positive_int, default=64, help="the most rows a layer call runs")
+    v.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="larger request bodies get 413")
     v.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command: exit code 0 on success, 2 for a usage error (argparse's), 1 for a failure,
+    reported in one line on stderr (with ``--debug``, the traceback instead)."""
     args = build_parser().parse_args(argv)
-    if hasattr(args, "speeds"):
-        from ..config import check_speed
-
-        args.speeds = [check_speed(s) for s in args.speeds]
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1

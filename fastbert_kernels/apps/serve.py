@@ -3,9 +3,12 @@ uvicorn, the ``serve`` extra). Binds to 127.0.0.1 unless told otherwise.
 
 * ``POST /classify`` with ``{"text": "..."}`` or ``{"texts": ["...", ...]}`` and optionally
   ``"speed"``: ``{"results": [{"label", "label_name", "scores", "exit_layer", "uncertainty"}]}``,
-  in request order. Bad bodies get a 4xx with a message that names the problem; a body over the
-  size limit gets 413 before it is read; a full engine gets 503.
-* ``GET /health``: ``{"status": "ok"}``.
+  in request order. Bad bodies get a 4xx with a message that names the problem (unknown fields,
+  wrong types, JSON nested deeper than 32 levels included); a body over the size limit gets 413
+  before it is read; a full engine gets 503, and the texts of that request already queued are
+  cancelled, as are those of a client that hangs up.
+* ``GET /health``: ``{"status": "ok"}``, or 503 ``{"status": "unhealthy", "error"}`` once the
+  engine's worker stopped on an error.
 * ``GET /metrics``: throughput, batch fill per depth, latency percentiles (:meth:`EngineStats.summary`).
 """
 
@@ -39,14 +42,47 @@ def _result_json(result: EngineResult) -> dict:
     }
 
 
+MAX_JSON_DEPTH = 32
+FIELDS = ("text", "texts", "speed")
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (strings skipped), in one pass,
+    so that a body nested thousands deep is refused before the parser recurses into it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 def parse_body(body: bytes) -> tuple[list[str], float | None]:
-    """The texts and the speed of a ``/classify`` body, or :class:`BadRequest`."""
+    """The texts and the speed of a ``/classify`` body, or :class:`BadRequest`: unknown fields
+    and wrong types are refused by name, and JSON nested deeper than :data:`MAX_JSON_DEPTH`."""
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise BadRequest(422, f"the body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise BadRequest(400, f"the body is not valid JSON: {err}") from err
     if not isinstance(payload, dict):
         raise BadRequest(422, 'the body must be a JSON object: {"text": "..."} or {"texts": [...]}')
+    unknown = sorted(set(payload) - set(FIELDS))
+    if unknown:
+        raise BadRequest(422, f"unknown fields {unknown}; known: {', '.join(FIELDS)}")
     if ("text" in payload) == ("texts" in payload):
         raise BadRequest(422, 'give exactly one of "text" or "texts"')
     texts = [payload["text"]] if "text" in payload else payload["texts"]
@@ -61,6 +97,19 @@ def parse_body(body: bytes) -> tuple[list[str], float | None]:
         except (TypeError, ValueError) as err:
             raise BadRequest(422, str(err)) from err
     return texts, speed
+
+
+def _cancel(futures) -> None:
+    for future in futures:
+        future.cancel()
+
+
+async def _disconnect(request) -> None:
+    """Returns when the client of ``request`` hangs up (its body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def create_app(engine: Engine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
@@ -81,22 +130,34 @@ def create_app(engine: Engine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         return bytes(body)
 
     async def classify(request):
+        futures: list = []
         try:
             texts, speed = parse_body(await read_limited(request))
-            futures = [engine.submit(text, speed=speed, block=False) for text in texts]
+            for text in texts:
+                futures.append(engine.submit(text, speed=speed, block=False))
         except BadRequest as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
-        except EngineFullError as err:
+        except (EngineFullError, EngineClosedError) as err:
+            _cancel(futures)  # the client gets no answer: the texts already queued must not run
             return JSONResponse({"error": str(err)}, status_code=503)
-        except EngineClosedError as err:
-            return JSONResponse({"error": str(err)}, status_code=503)
+        answers = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        disconnected = asyncio.ensure_future(_disconnect(request))
         try:
-            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            await asyncio.wait({answers, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+            if not answers.done():  # the client hung up: drop its rows from the engine's queues
+                _cancel(futures)
+                answers.cancel()
+                return JSONResponse({"error": "the client disconnected"}, status_code=499)
+            results = answers.result()
         except (TypeError, ValueError) as err:  # a text the engine refused (empty, too long)
             return JSONResponse({"error": str(err)}, status_code=422)
+        finally:
+            disconnected.cancel()
         return JSONResponse({"results": [_result_json(r) for r in results]})
 
     async def health(_):
+        if not engine.healthy:
+            return JSONResponse({"status": "unhealthy", "error": repr(engine.failure)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(_):
@@ -117,9 +178,9 @@ def serve(checkpoint: str, host: str, port: int, max_batch: int, max_body_bytes:
         import uvicorn
     except ImportError:
         raise SystemExit("serve needs the serve extra: pip install 'fastbert_kernels[serve]'") from None
-    from .loading import load_for_cli
+    from ..serialization import load_checkpoint
 
-    model, tokenizer = load_for_cli(checkpoint)
-    with Engine(model, tokenizer, max_batch=max_batch) as engine:
+    model, tokenizer = load_checkpoint(checkpoint)
+    with Engine(model, tokenizer, max_batch=max_batch, require_trained_students=True) as engine:
         uvicorn.run(create_app(engine, max_body_bytes), host=host, port=port, log_level="info")
     return 0

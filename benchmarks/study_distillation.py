@@ -60,7 +60,12 @@ def study(args: argparse.Namespace) -> list[dict]:
             batches = make_batches(tokenizer, split.texts, BATCH_SIZE, args.max_length, device)
             profiles[name], labels[name] = exit_profile(model, batches), torch.tensor(split.labels)
         calibration = calibrate(
-            model, profiles["validation"], labels["validation"], max_accuracy_drop=MAX_ACCURACY_DROP, apply=False
+            model,
+            profiles["validation"],
+            labels=labels["validation"],
+            max_accuracy_drop=MAX_ACCURACY_DROP,
+            certified=False,
+            apply=False,
         )
         test, table = profiles["test"], FlopsTable(model, profiles["test"].lengths)
         teacher_test = float((test.prediction[:, -1] == labels["test"]).float().mean())

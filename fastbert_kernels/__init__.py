@@ -3,7 +3,7 @@
     import fastbert_kernels as fbk
     model = fbk.patch(AutoModelForSequenceClassification.from_pretrained(path))
     fbk.distill(model, unlabelled_texts, tokenizer)
-    fbk.calibrate(model, fbk.exit_profile(model, validation_batches), labels, max_accuracy_drop=0.01)
+    fbk.calibrate(model, held_out_texts, tokenizer, max_disagreement=0.01)  # certified, label-free
     out = model(**batch)                     # out.logits [B, C], out.exit_layer [B], out.uncertainty [B]
     fbk.save_pretrained(model, d, tokenizer=tokenizer); model, tokenizer = fbk.load_checkpoint(d)
 

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from . import flops
 from .architectures import architecture_for
+from .certification import Certificate
 from .encoder import all_layer_states, embed
 from .modeling import teacher_logits
 from .ops.reference import uncertainty as criterion_uncertainty
 from .ops.reference import update_streak
 from .ops.types import EXIT_CRITERIA, check_exit_rule
-from .state import fastbert_config, students
+from .state import DISTILLED_TEXTS_ATTR, fastbert_config, students
 
 Batch = dict[str, torch.Tensor]
 
@@ -151,6 +154,16 @@ class FlopsTable:
             dtype=torch.float64,
         )
 
+    def speedup_of(self, exit_layers: torch.Tensor, rows: torch.Tensor) -> float:
+        """:meth:`speedup` of the samples ``rows`` alone, leaving after ``exit_layers [len(rows)]``."""
+        spent = self._adaptive_table(True)[:, rows].gather(0, (exit_layers - 1)[None, :]).sum()
+        return float(self.full[rows].sum() / spent)
+
+    def _adaptive_table(self, with_branches: bool) -> torch.Tensor:
+        if with_branches not in self._adaptive:
+            self._adaptive[with_branches] = self._table(with_branches)
+        return self._adaptive[with_branches]
+
     def speedup(self, exit_layers: torch.Tensor, with_branches: bool = True) -> float:
         """Full FLOPs / adaptive FLOPs when the samples leave after ``exit_layers [N]`` (1-based)."""
         if with_branches not in self._adaptive:
@@ -224,14 +237,17 @@ class Calibration:
     teacher_accuracy: float
     best: dict[str, ExitSetting | None]
     curves: dict[tuple[str, float, int], list[ExitSetting]]
+    certificate: Certificate | None = None
 
     def apply(self, model) -> None:
-        """Writes the chosen rule and speed into the model's FastBERT config (saved with it)."""
+        """Writes the chosen rule and speed, and the certificate (None: uncertified), into the
+        model's FastBERT config (saved with it)."""
         config = fastbert_config(model)
         config.exit_criterion = self.chosen.criterion
         config.exit_temperature = self.chosen.temperature
         config.exit_patience = self.chosen.patience
         config.default_speed = self.chosen.speed
+        config.certificate = None if self.certificate is None else self.certificate.as_dict()
 
     def table(self) -> str:
         """The best setting per criterion, as a Markdown table."""
@@ -243,10 +259,12 @@ class Calibration:
             if best is None:
                 lines.append(f"| {criterion} | - | - | - | no setting meets the target | - |")
             else:
-                mark = " (chosen)" if best == self.chosen else ""
+                same = dataclasses.astuple(best)[:4] == dataclasses.astuple(self.chosen)[:4]
+                mark = " (chosen)" if same else ""
+                accuracy = "-" if math.isnan(best.accuracy) else f"{100 * best.accuracy:.2f}%"
                 lines.append(
                     f"| {criterion}{mark} | {best.temperature:g} | {best.patience} | {best.speed:.4f} | "
-                    f"{100 * best.accuracy:.2f}% | {best.speedup:.2f}x |"
+                    f"{accuracy} | {best.speedup:.2f}x |"
                 )
         return "\n".join(lines)
 
@@ -291,31 +309,185 @@ def check_labels(labels, profile: ExitProfile) -> torch.Tensor:
     return labels.long()
 
 
+def _profile_of(model, data, tokenizer, batch_size: int, max_length: int) -> ExitProfile:
+    """An :class:`ExitProfile` of ``data``: one already, texts (with ``tokenizer``) or batches."""
+    if isinstance(data, ExitProfile):
+        return data
+    if isinstance(data, (str, bytes)):
+        raise TypeError("calibration data must be a list of texts, a list of batches or an ExitProfile")
+    data = list(data)
+    if not data:
+        raise ValueError("calibration needs at least one text")
+    if all(isinstance(t, str) for t in data):
+        if tokenizer is None:
+            raise TypeError("texts need a tokenizer: calibrate(model, texts, tokenizer, ...)")
+        _warn_if_distilled_on(model, data)
+        device = next(model.parameters()).device
+        batches = []
+        for start in range(0, len(data), batch_size):
+            encoded = tokenizer(
+                data[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            batches.append({k: v.to(device) for k, v in encoded.items()})
+        return exit_profile(model, batches)
+    if all(isinstance(b, dict) for b in data):
+        return exit_profile(model, data)
+    raise TypeError("calibration data must be a list of texts, a list of batches or an ExitProfile")
+
+
+def _warn_if_distilled_on(model, texts: list[str]) -> None:
+    """Texts the students were distilled on agree with the teacher more than new ones: calibrating
+    on them makes the certificate optimistic. :func:`fastbert_kernels.distill` remembers (in this
+    process) the hashes of the texts it saw."""
+    seen = getattr(model, DISTILLED_TEXTS_ATTR, None)
+    if not seen:
+        return
+    overlap = sum(hash(t) in seen for t in texts)
+    if overlap:
+        warnings.warn(
+            f"{overlap} of the {len(texts)} calibration texts were used to distil the students; their "
+            "agreement with the teacher is optimistic, so the certificate may not hold on new text: "
+            "calibrate on texts kept out of distillation",
+            stacklevel=3,
+        )
+
+
 def calibrate(
     model,
-    profile: ExitProfile,
-    labels: torch.Tensor,
+    data,
+    tokenizer=None,
     *,
+    labels=None,
+    max_disagreement: float | None = None,
     max_accuracy_drop: float | None = None,
     min_speedup: float | None = None,
+    delta: float = 0.05,
+    certified: bool = True,
+    family_selection: str = "bonferroni",
     criteria: Sequence[str] = EXIT_CRITERIA,
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     patiences: Sequence[int] = DEFAULT_PATIENCES,
+    batch_size: int = 64,
+    max_length: int = 128,
     apply: bool = True,
 ) -> Calibration:
-    """Chooses the exit rule (criterion, temperature, patience) and the speed on validation data.
+    """Chooses the exit rule (criterion, temperature, patience) and the speed, by default with a
+    certificate (:mod:`.certification`): with probability at least ``1 - delta`` over the
+    calibration sample, the chosen rule's risk on new exchangeable data is within the target.
 
-    Targets (exactly one):
-      * ``max_accuracy_drop=d``: the largest ideal speed-up whose accuracy is at least the
-        teacher's minus d;
-      * ``min_speedup=s``: the highest accuracy whose ideal speed-up is at least s.
-    Every combination of ``criteria`` x ``temperatures`` x ``patiences`` is swept over speeds
-    from the one profile. With ``apply`` the choice is written into the model's config
-    (:meth:`Calibration.apply`), so that ``model(**batch)`` and ``save_pretrained`` use it.
-    Raises ``ValueError`` when no setting meets the target.
+    ``data``: unlabelled texts (with ``tokenizer``), tokenised batches, or an :class:`ExitProfile`.
+    Keep them out of distillation (see :mod:`.certification`). Targets (exactly one):
+
+    * ``max_disagreement=e`` (no labels): the share of answers that differ from the full model's
+      is at most ``e``. It bounds the accuracy drop too.
+    * ``max_accuracy_drop=d`` (``labels``): the accuracy drop against the full model is at most
+      ``d``, certified through the disagreement or the drop itself, whichever gives the faster rule.
+    * ``min_speedup=s`` (``labels``, uncertified): the most accurate rule whose ideal speed-up is at
+      least ``s``. ``certified=False`` makes the other targets point estimates too (the fastest
+      rule that looks within budget on this sample: no guarantee off it).
+
+    The fastest certified rule is returned with its :class:`.certification.Certificate` and, with
+    ``apply``, written with it into the model's config (saved with the checkpoint). Raises
+    ``ValueError`` when nothing certifies, saying how many texts the best candidate would need.
     """
+    from . import certification
+
+    targets = [t for t in (max_disagreement, max_accuracy_drop, min_speedup) if t is not None]
+    if len(targets) != 1:
+        raise ValueError("give exactly one of max_disagreement, max_accuracy_drop or min_speedup")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    profile = _profile_of(model, data, tokenizer, batch_size, max_length)
+    labels = None if labels is None else check_labels(labels, profile)
+    if (max_accuracy_drop is not None or min_speedup is not None) and labels is None:
+        raise ValueError(
+            "max_accuracy_drop and min_speedup need labels=...; without labels use max_disagreement, "
+            "which bounds the accuracy drop from above"
+        )
+    if min_speedup is not None or not certified:
+        if max_disagreement is not None:
+            raise ValueError("max_disagreement is certified only: use certified=True")
+        return _point_estimate_calibration(
+            model, profile, labels, max_accuracy_drop, min_speedup, criteria, temperatures, patiences, apply
+        )
+    epsilon = max_disagreement if max_disagreement is not None else max_accuracy_drop
+    if not 0 < epsilon < 1:
+        raise ValueError(f"the target must be in (0, 1), got {epsilon}")
+    families = certification.default_families(criteria, temperatures, patiences)
+    risks = ["disagreement"] if max_disagreement is not None else ["disagreement", "accuracy_drop"]
+    table = FlopsTable(model, profile.lengths)
+    found, report = certification.certify(
+        profile, table, labels, risks=risks, epsilon=epsilon, delta=delta, families=families,
+        family_selection=family_selection,
+    )  # fmt: skip
+    n = profile.prediction.shape[0]
+    if found is None:
+        raise ValueError(_nothing_certifies(profile, labels, families, epsilon, delta / len(risks) / len(families)))
+    teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean()) if labels is not None else math.nan
+
+    def setting(result) -> ExitSetting:
+        criterion, temperature, patience = result.family
+        accuracy = (
+            float((profile.predictions(result.speed, criterion, temperature, patience) == labels).float().mean())
+            if labels is not None
+            else math.nan
+        )
+        return ExitSetting(criterion, temperature, patience, result.speed, accuracy, result.speedup)
+
+    best: dict[str, ExitSetting | None] = {}
+    for criterion in criteria:
+        mine = [r for results in report.values() for f, r in results.items() if r is not None and f[0] == criterion]
+        best[criterion] = setting(max(mine, key=lambda r: r.speedup)) if mine else None
+    certificate = certification.Certificate(
+        risk=found.risk if max_disagreement is not None else "accuracy_drop",
+        epsilon=epsilon,
+        delta=delta,
+        samples=n,
+        estimate=found.estimate,
+        upper_bound=found.upper_bound,
+        bound="Clopper-Pearson" if found.risk == "disagreement" else "Clopper-Pearson difference",
+        alpha=found.alpha,
+        families=len(families),
+        family_selection=family_selection,
+        ideal_speedup=found.speedup,
+    )
+    result = Calibration(setting(found), teacher_accuracy, best, {}, certificate)
+    if apply:
+        result.apply(model)
+    return result
+
+
+def _nothing_certifies(profile, labels, families, epsilon: float, alpha: float) -> str:
+    """The error when no speed certifies: for each family's gentlest exiting speed, its observed
+    disagreement, and the fewest texts at which that rate would have certified."""
+    from .certification import CERTIFY_SPEEDS, required_samples
+
+    n = profile.prediction.shape[0]
+    best_rate, needed = None, None
+    for criterion, temperature, patience in families:
+        predictions = profile.predictions(CERTIFY_SPEEDS[0], criterion, temperature, patience)
+        rate = float((predictions != profile.prediction[:, -1]).float().mean())
+        count = required_samples(rate, epsilon, alpha) if rate > 0 else required_samples(0.0, epsilon, alpha)
+        if count is not None and (needed is None or count < needed):
+            best_rate, needed = rate, count
+    advice = (
+        f"at the observed disagreement of {best_rate:.4f}, about {needed} texts would certify it"
+        if needed is not None
+        else "even the gentlest rule disagrees with the full model more often than the target allows"
+    )
+    return f"no exit rule certifies risk <= {epsilon:g} on these {n} texts; {advice}"
+
+
+def _point_estimate_calibration(
+    model, profile, labels, max_accuracy_drop, min_speedup, criteria, temperatures, patiences, apply
+) -> Calibration:
+    """The uncertified sweep: every family at every speed, the fastest (or most accurate) setting
+    whose point estimate meets the target."""
     _check_target(max_accuracy_drop, min_speedup)
-    labels = check_labels(labels, profile)
     teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean())
     table = FlopsTable(model, profile.lengths)
     curves: dict[tuple[str, float, int], list[ExitSetting]] = {}

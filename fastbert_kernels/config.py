@@ -60,6 +60,8 @@ class FastBertConfig:
         students_trained: whether the students were distilled (set by
             :func:`fastbert_kernels.distill`, saved with the checkpoint). Students that never were
             answer at random, so the model warns at ``speed > 0`` and the command line refuses.
+        certificate: what :func:`fastbert_kernels.calibrate` certified for the rule above (risk,
+            epsilon, delta, samples, bound), or None for a rule nobody certified.
     :func:`fastbert_kernels.calibrate` chooses the exit rule and the speed on validation data.
     """
 
@@ -72,8 +74,11 @@ class FastBertConfig:
     exit_temperature: float = 1.0
     exit_patience: int = 1
     students_trained: bool = False
+    certificate: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.certificate is not None and not isinstance(self.certificate, dict):
+            raise TypeError(f"certificate must be an object or null, got {self.certificate!r}")
         for name, kind in (("branch_size", int), ("branch_heads", int), ("exit_patience", int)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):

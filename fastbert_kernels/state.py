@@ -46,6 +46,8 @@ class UntrainedStudentsWarning(UserWarning):
 
 
 _WARNED_ATTR = "_fastbert_warned_untrained"
+# Hashes of the texts distil() saw, in this process, so that calibration can warn about reusing them.
+DISTILLED_TEXTS_ATTR = "_fastbert_distilled_texts"
 
 
 def check_students_trained(model: nn.Module, speed: float, refuse: bool = False) -> None:

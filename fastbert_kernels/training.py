@@ -24,7 +24,7 @@ from . import distributed
 from .architectures import architecture_for
 from .encoder import EncoderInputs, all_layer_states, embed, model_device
 from .modeling import teacher_logits
-from .state import branch_modules, fastbert_config, is_patched, students
+from .state import DISTILLED_TEXTS_ATTR, branch_modules, fastbert_config, is_patched, students
 
 Batch = dict[str, torch.Tensor]
 CHECKPOINT_FILE = "distill_state.pt"
@@ -386,6 +386,8 @@ def distill(
         desc="distilling students",
     )
     fastbert_config(model).students_trained = True  # saved with the checkpoint
+    if isinstance(data, Sequence) and data and isinstance(data[0], str):
+        object.__setattr__(model, DISTILLED_TEXTS_ATTR, frozenset(hash(t) for t in data))
     return history
 
 

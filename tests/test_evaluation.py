@@ -195,7 +195,7 @@ def test_calibrate_picks_the_fastest_rule_within_budget_and_applies_it():
     labels = profile.prediction[:, -1].clone()  # the teacher is right by construction
     labels[:3] = (labels[:3] + 1) % 3  # ... except on three rows, so the teacher scores < 100%
     before = fbk.fastbert_config(model).exit_rule
-    found = fbk.calibrate(model, profile, labels, max_accuracy_drop=0.05, apply=False)
+    found = fbk.calibrate(model, profile, labels=labels, max_accuracy_drop=0.05, certified=False, apply=False)
     assert fbk.fastbert_config(model).exit_rule == before  # apply=False leaves the model alone
     budget = found.teacher_accuracy - 0.05
     every = [s for curve in found.curves.values() for s in curve]
@@ -224,15 +224,15 @@ def test_calibrate_picks_the_fastest_rule_within_budget_and_applies_it():
     close = (u - chosen.speed).abs().min(1).values < 1e-4
     assert torch.equal(real[~close], layers[~close])
     # The other target: the most accurate rule that reaches a speed-up.
-    fast = fbk.calibrate(model, profile, labels, min_speedup=1.3, apply=False)
+    fast = fbk.calibrate(model, profile, labels=labels, min_speedup=1.3, apply=False)
     assert fast.chosen.speedup >= 1.3
     assert fast.chosen.accuracy == max(s.accuracy for s in every if s.speedup >= 1.3)
     with pytest.raises(ValueError, match="no exit rule reaches the target"):
-        fbk.calibrate(model, profile, labels, min_speedup=100.0)
+        fbk.calibrate(model, profile, labels=labels, min_speedup=100.0)
     with pytest.raises(ValueError, match="exactly one"):
-        fbk.calibrate(model, profile, labels)
+        fbk.calibrate(model, profile, labels=labels)
     with pytest.raises(ValueError, match=r"labels must have shape \[N\] = \[64\]"):
-        fbk.calibrate(model, profile, labels[:5], max_accuracy_drop=0.01)
+        fbk.calibrate(model, profile, labels=labels[:5], max_accuracy_drop=0.01)
 
 
 def test_exit_rule_config_is_checked_and_saved(tmp_path):

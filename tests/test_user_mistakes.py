@@ -282,7 +282,7 @@ def test_calibration_refuses_labels_that_cannot_be_right(labels, error, message)
     profile = exit_profile(model, [batch])
     before = fbk.fastbert_config(model).exit_rule
     with pytest.raises(error, match=message):
-        fbk.calibrate(model, profile, labels(12), max_accuracy_drop=0.1)
+        fbk.calibrate(model, profile, labels=labels(12), max_accuracy_drop=0.1)
     assert fbk.fastbert_config(model).exit_rule == before  # nothing written into the config
 
 

@@ -1,10 +1,11 @@
-"""Command line: ``python -m fastbert_kernels {demo,bench,env,distill,classify,serve}``.
+"""Command line: ``python -m fastbert_kernels {demo,bench,env,distill,calibrate,classify,serve}``.
 
 * ``demo``: fine-tune the packaged all-MiniLM-L6-v2 on Rotten Tomatoes (or BANKING77, or a CSV),
   distil the students, evaluate a sweep of speeds against the unpatched model (:mod:`.demo`).
 * ``bench``: the same evaluation with more timing repeats, results under benchmarks/results.
 * ``env``: what was built, what is available, and which backend each device uses.
 * ``distill``, ``classify``: the library's distillation and corpus classification on files.
+* ``calibrate``: a certified, label-free exit rule from held-out texts, saved with the checkpoint.
 * ``serve``: a checkpoint over HTTP through the depth-pooled serving engine (:mod:`.serve`).
 """
 
@@ -89,6 +90,35 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Certifies an exit rule on held-out unlabelled texts and saves the checkpoint with it."""
+    import fastbert_kernels as fbk
+
+    from ..corpus import check_corpus_path, read_texts
+
+    check_corpus_path(args.texts)
+    from ..state import check_students_trained
+
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    check_students_trained(model, 1.0, refuse=True)  # untrained students certify nothing useful
+    calibration = fbk.calibrate(
+        model,
+        read_texts(args.texts),
+        tokenizer,
+        max_disagreement=args.max_disagreement,
+        delta=args.delta,
+        max_length=args.max_length,
+    )
+    chosen = calibration.chosen
+    print(
+        f"certified: {chosen.criterion}, T={chosen.temperature:g}, patience {chosen.patience}, "
+        f"speed {chosen.speed:.4f}\n{calibration.certificate}"
+    )
+    fbk.save_pretrained(model, args.out, tokenizer=tokenizer)
+    print(f"saved to {args.out} (the rule is the checkpoint's default)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serves a FastBERT checkpoint over HTTP (the serve extra)."""
     from .serve import serve
@@ -104,6 +134,17 @@ def _speed(text: str) -> float:
         return check_speed(float(text))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -184,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-size", type=_positive_int, default=1024)
     c.add_argument("--workers", type=_positive_int, default=1, help="local processes when not launched by torchrun")
     c.set_defaults(func=cmd_classify)
+    k = sub.add_parser("calibrate", help="certify an exit rule on held-out unlabelled texts (label-free)")
+    k.add_argument("checkpoint", help="a distilled FastBERT checkpoint (with its tokenizer)")
+    k.add_argument("--texts", required=True, help="held-out texts, never distilled on: .txt, .jsonl or .csv")
+    k.add_argument("--out", required=True, help="where to save the checkpoint with the certified rule")
+    k.add_argument("--max-disagreement", type=_fraction, default=0.01, help="epsilon: answers that may differ")
+    k.add_argument("--delta", type=_fraction, default=0.05, help="the certificate fails with at most this chance")
+    k.add_argument("--max-length", type=_positive_int, default=128)
+    k.set_defaults(func=cmd_calibrate)
     v = sub.add_parser("serve", help="serve a checkpoint over HTTP with the depth-pooled engine")
     v.add_argument("checkpoint", help="a FastBERT checkpoint (with its tokenizer)")
     v.add_argument("--host", default="127.0.0.1", help="the interface to bind (default: loopback only)")

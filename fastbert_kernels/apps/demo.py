@@ -253,9 +253,23 @@ def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path,
         "validation accuracy of each classifier alone (layers 1..L, the last is the teacher): "
         + " / ".join(f"{100 * a:.1f}%" for a in accuracies)
     )
-    calibration = calibrate(model, profile, labels, max_accuracy_drop=args.max_accuracy_drop, apply=False)
-    print(f"\ncalibrated on validation (fastest within {100 * args.max_accuracy_drop:g} point of the teacher):")
+    calibration = calibrate(
+        model, profile, labels=labels, max_accuracy_drop=args.max_accuracy_drop, certified=False, apply=False
+    )
+    print(
+        f"\ncalibrated on validation, uncertified (the fastest rule whose point estimate is within "
+        f"{100 * args.max_accuracy_drop:g} point of the teacher):"
+    )
     print(calibration.table())
+    try:  # label-free and certified, on the same held-out validation texts (neither train nor test)
+        certified = calibrate(model, profile, max_disagreement=args.max_accuracy_drop, apply=False)
+        chosen = certified.chosen
+        print(
+            f"\ncertified, label-free: {chosen.criterion}, T={chosen.temperature:g}, patience {chosen.patience}, "
+            f"speed {chosen.speed:.4f}: {certified.certificate}"
+        )
+    except ValueError as err:
+        print(f"\ncertified, label-free: {err}")
     settings = [best for best in calibration.best.values() if best is not None]
 
     test = dataset.test.head(args.max_test)

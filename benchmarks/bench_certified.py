@@ -1,0 +1,147 @@
+"""Does the certificate hold, and what does it cost? 20 random calibration/test splits of the
+held-out texts (validation + test, never trained or distilled on) of a distilled demo checkpoint.
+
+    python benchmarks/bench_certified.py --data rotten_tomatoes     # after `make demo`
+    python benchmarks/bench_certified.py --data banking77           # after `... demo --data banking77`
+
+For each split: the certified rule (label-free disagreement, and labelled accuracy drop, each at
+epsilon = 1 point, delta = 0.1), today's point-estimate pick with the same budget, and the oracle
+(the fastest rule whose risk on the test half itself is within epsilon: the bound no calibration
+can beat). Reports how often each exceeds epsilon on test, and the median ratio of the certified
+rule's ideal speed-up to the oracle's; then the certified speed-up against the number of
+calibration texts. One profile of every classifier serves all of it (each sample's exit depends on
+its own logits only). Results: benchmarks/results/certified_<data>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastbert_kernels as fbk
+from fastbert_kernels.apps.benchmarking import make_batches
+from fastbert_kernels.apps.data import load_dataset
+from fastbert_kernels.calibration import ExitProfile, FlopsTable, exit_profile
+from fastbert_kernels.certification import CERTIFY_SPEEDS, default_families
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DEMO_CACHE = ROOT / ".cache" / "fastbert_demo"
+
+
+def subset(profile: ExitProfile, rows: torch.Tensor) -> ExitProfile:
+    return ExitProfile(profile.logits[rows], profile.lengths[rows], profile.padded[rows])
+
+
+def risk_of(profile: ExitProfile, labels, setting, risk: str) -> float:
+    early = profile.predictions(setting.speed, setting.criterion, setting.temperature, setting.patience)
+    full = profile.prediction[:, -1]
+    if risk == "disagreement":
+        return float((early != full).float().mean())
+    return float((full == labels).float().mean() - (early == labels).float().mean())
+
+
+def oracle(model, profile: ExitProfile, labels, risk: str, epsilon: float, families) -> float:
+    """The largest ideal speed-up of any grid setting whose risk on ``profile`` is within epsilon."""
+    table, best = FlopsTable(model, profile.lengths), 1.0
+    for criterion, temperature, patience in families:
+        for speed in CERTIFY_SPEEDS[::4]:
+            layers = profile.exit_layers(speed, criterion, temperature, patience)
+            early = profile.prediction.gather(1, (layers - 1)[:, None]).squeeze(1)
+            full = profile.prediction[:, -1]
+            value = (
+                float((early != full).float().mean())
+                if risk == "disagreement"
+                else float((full == labels).float().mean() - (early == labels).float().mean())
+            )
+            if value <= epsilon:
+                best = max(best, table.speedup(layers))
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="rotten_tomatoes")
+    parser.add_argument("--checkpoint", default=None, help="default: the demo's cached distilled checkpoint")
+    parser.add_argument("--splits", type=int, default=20)
+    parser.add_argument("--epsilon", type=float, default=0.01)
+    parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    found = sorted(DEMO_CACHE.glob(f"{args.data}-fastbert-*")) if args.checkpoint is None else [Path(args.checkpoint)]
+    if not found:
+        raise SystemExit(f"no distilled checkpoint for {args.data}: run the demo first (make demo)")
+    model, tokenizer = fbk.load_checkpoint(found[-1])
+    dataset = load_dataset(args.data)
+    held_out = dataset.validation.texts + dataset.test.texts
+    labels_all = torch.tensor(dataset.validation.labels + dataset.test.labels)
+    begin = time.perf_counter()
+    profile = exit_profile(model, make_batches(tokenizer, held_out, 64, args.max_length, torch.device("cpu")))
+    profile_s = time.perf_counter() - begin
+    families = default_families()
+    n = len(held_out)
+    rows = []
+    for split in range(args.splits):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(split))
+        calibration_rows, test_rows = order[: n // 2], order[n // 2 :]
+        calibration, test = subset(profile, calibration_rows), subset(profile, test_rows)
+        cal_labels, test_labels = labels_all[calibration_rows], labels_all[test_rows]
+        row = {"split": split}
+        for risk, kwargs in (
+            ("disagreement", {"max_disagreement": args.epsilon}),
+            ("accuracy_drop", {"max_accuracy_drop": args.epsilon, "labels": cal_labels}),
+        ):
+            row[f"oracle_{risk}"] = oracle(model, test, test_labels, risk, args.epsilon, families)
+            try:
+                certified = fbk.calibrate(model, calibration, delta=args.delta, apply=False, **kwargs)
+                row[f"certified_{risk}_speedup"] = FlopsTable(model, test.lengths).speedup(
+                    test.exit_layers(
+                        certified.chosen.speed,
+                        certified.chosen.criterion,
+                        certified.chosen.temperature,
+                        certified.chosen.patience,
+                    )
+                )
+                row[f"certified_{risk}_test_risk"] = risk_of(test, test_labels, certified.chosen, risk)
+            except ValueError:
+                row[f"certified_{risk}_speedup"], row[f"certified_{risk}_test_risk"] = 1.0, 0.0  # speed 0
+        point = fbk.calibrate(
+            model, calibration, labels=cal_labels, max_accuracy_drop=args.epsilon, certified=False, apply=False
+        )
+        row["point_estimate_test_drop"] = risk_of(test, test_labels, point.chosen, "accuracy_drop")
+        row["point_estimate_test_disagreement"] = risk_of(test, test_labels, point.chosen, "disagreement")
+        row["point_estimate_speedup"] = point.chosen.speedup
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {
+        "data": args.data,
+        "checkpoint": str(found[-1]),
+        "held_out_texts": n,
+        "epsilon": args.epsilon,
+        "delta": args.delta,
+        "splits": args.splits,
+        "profile_seconds": profile_s,
+    }
+    for risk in ("disagreement", "accuracy_drop"):
+        summary[f"certified_{risk}_exceeds"] = sum(r[f"certified_{risk}_test_risk"] > args.epsilon for r in rows)
+        summary[f"certified_{risk}_median_vs_oracle"] = statistics.median(
+            r[f"certified_{risk}_speedup"] / r[f"oracle_{risk}"] for r in rows
+        )
+        summary[f"certified_{risk}_median_speedup"] = statistics.median(r[f"certified_{risk}_speedup"] for r in rows)
+        summary[f"oracle_{risk}_median_speedup"] = statistics.median(r[f"oracle_{risk}"] for r in rows)
+    summary["point_estimate_drop_exceeds"] = sum(r["point_estimate_test_drop"] > args.epsilon for r in rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"certified_{args.data}.json").write_text(json.dumps({"summary": summary, "splits": rows}, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

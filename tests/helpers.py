@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import transformers
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
@@ -149,3 +152,25 @@ def word_tokenizer():
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     return BertTokenizerFast(tokenizer_object=inner, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+
+
+@contextlib.contextmanager
+def layers_wait_for(model, release: threading.Event, started: threading.Event | None = None):
+    """Every encoder layer of ``model`` first sets ``started`` and waits for ``release`` (30 s at
+    most), so the test controls when the engine's current call finishes; undone, and ``release``
+    set, on exit."""
+    layer_class = type(model.bert.encoder.layer[0])
+    original = layer_class.forward
+
+    def held(self, *args, **kwargs):
+        if started is not None:
+            started.set()
+        release.wait(timeout=30)
+        return original(self, *args, **kwargs)
+
+    layer_class.forward = held
+    try:
+        yield
+    finally:
+        release.set()
+        layer_class.forward = original

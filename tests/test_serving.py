@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import random
 import threading
@@ -14,7 +13,7 @@ import time
 
 import pytest
 import torch
-from helpers import VOCAB, spread_branches, tiny_model
+from helpers import VOCAB, layers_wait_for, spread_branches, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,28 +30,6 @@ def _model():
 def _requests(count: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(5, VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(count)]
-
-
-@contextlib.contextmanager
-def _layers_wait_for(model, release: threading.Event, started: threading.Event | None = None):
-    """Every encoder layer of ``model`` first sets ``started`` and waits for ``release`` (30 s at
-    most), so the test controls when the engine's current call finishes; undone, and ``release``
-    set, on exit."""
-    layer_class = type(model.bert.encoder.layer[0])
-    original = layer_class.forward
-
-    def held(self, *args, **kwargs):
-        if started is not None:
-            started.set()
-        release.wait(timeout=30)
-        return original(self, *args, **kwargs)
-
-    layer_class.forward = held
-    try:
-        yield
-    finally:
-        release.set()
-        layer_class.forward = original
 
 
 def _alone(model, ids: list[int], speed: float):
@@ -177,7 +154,7 @@ def test_timeouts_and_cancellation():
     model = _model()
     started = threading.Event()
     release = threading.Event()
-    with Engine(model, max_batch=1) as engine, _layers_wait_for(model, release, started):
+    with Engine(model, max_batch=1) as engine, layers_wait_for(model, release, started):
         blocker = engine.submit([5, 6, 7], speed=0.0)
         assert started.wait(timeout=30)
         timed_out = engine.submit([8, 9], speed=0.0, timeout=0.01)
@@ -194,7 +171,7 @@ def test_timeouts_and_cancellation():
 def test_back_pressure_and_closing_drain():
     model = _model()
     release = threading.Event()
-    with _layers_wait_for(model, release):
+    with layers_wait_for(model, release):
         engine = Engine(model, max_batch=2, max_in_flight=2)
         try:
             accepted = [engine.submit([5, 6], speed=0.0), engine.submit([7, 8], speed=0.0)]
@@ -263,7 +240,7 @@ def test_batches_fill_under_load(_seed):
     requests = _requests(64, _seed)
     gate = threading.Event()
     # The load arrives while the first call runs.
-    with Engine(model, max_batch=8) as engine, _layers_wait_for(model, gate):
+    with Engine(model, max_batch=8) as engine, layers_wait_for(model, gate):
         futures = [engine.submit(r, speed=0.0) for r in requests]
         gate.set()
         for f in futures:
@@ -394,7 +371,7 @@ def test_http_client_that_hangs_up_is_dropped_from_the_queues(http_server):
     url, model, engine = http_server
     port = int(url.rsplit(":", 1)[1])
     release, started = threading.Event(), threading.Event()
-    with _layers_wait_for(model, release, started):
+    with layers_wait_for(model, release, started):
         blocker = engine.submit([5, 6, 7], speed=0.0)
         assert started.wait(timeout=30)
         body = json.dumps({"texts": ["a b", "c d e", "f"], "speed": 0.0}).encode()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_batch, spread_branches, tiny_model, word_tokenizer
+from helpers import layers_wait_for, random_batch, spread_branches, tiny_model, word_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -292,27 +292,14 @@ def test_calibration_refuses_labels_that_cannot_be_right(labels, error, message)
 def test_wait_on_a_cancelled_future_returns():
     model = _trained_model()
     release, started = threading.Event(), threading.Event()
-    layer_class = type(model.bert.encoder.layer[0])
-    original = layer_class.forward
-
-    def held(self, *args, **kwargs):
-        started.set()
-        release.wait(timeout=30)
-        return original(self, *args, **kwargs)
-
-    layer_class.forward = held
-    try:
-        with Engine(model, max_batch=1) as engine:
-            blocker = engine.submit([5, 6], speed=0.0)
-            assert started.wait(timeout=30)
-            queued = engine.submit([7, 8], speed=0.0)
-            assert queued.cancel()
-            release.set()
-            _, not_done = concurrent.futures.wait([queued, blocker], timeout=30)
-            assert not not_done and queued.cancelled()
-    finally:
+    with Engine(model, max_batch=1) as engine, layers_wait_for(model, release, started):
+        blocker = engine.submit([5, 6], speed=0.0)
+        assert started.wait(timeout=30)
+        queued = engine.submit([7, 8], speed=0.0)
+        assert queued.cancel()
         release.set()
-        layer_class.forward = original
+        _, not_done = concurrent.futures.wait([queued, blocker], timeout=30)
+        assert not not_done and queued.cancelled()
 
 
 @pytest.mark.parametrize("kwargs,error", [({"timeout": "1"}, TypeError), ({"timeout": -1}, ValueError),
@@ -335,42 +322,30 @@ def test_aclassify_never_blocks_the_event_loop():
     """With the engine full, aclassify waits for a slot in a thread: the loop keeps running."""
     model = _trained_model()
     release = threading.Event()
-    layer_class = type(model.bert.encoder.layer[0])
-    original = layer_class.forward
+    with Engine(model, max_in_flight=1) as engine, layers_wait_for(model, release):
+        first = engine.submit([5, 6], speed=0.0)
 
-    def held(self, *args, **kwargs):
-        release.wait(timeout=30)
-        return original(self, *args, **kwargs)
+        async def scenario():
+            ticks = 0
 
-    layer_class.forward = held
-    try:
-        with Engine(model, max_in_flight=1) as engine:
-            first = engine.submit([5, 6], speed=0.0)
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
 
-            async def scenario():
-                ticks = 0
+            tick_task = asyncio.ensure_future(ticker())
+            answer = asyncio.ensure_future(engine.aclassify([7, 8], speed=0.0))
+            await asyncio.sleep(0.3)  # the engine is full all this time
+            seen = ticks
+            release.set()
+            result = await asyncio.wait_for(answer, timeout=60)
+            tick_task.cancel()
+            return seen, result
 
-                async def ticker():
-                    nonlocal ticks
-                    while True:
-                        ticks += 1
-                        await asyncio.sleep(0.01)
-
-                tick_task = asyncio.ensure_future(ticker())
-                answer = asyncio.ensure_future(engine.aclassify([7, 8], speed=0.0))
-                await asyncio.sleep(0.3)  # the engine is full all this time
-                seen = ticks
-                release.set()
-                result = await asyncio.wait_for(answer, timeout=60)
-                tick_task.cancel()
-                return seen, result
-
-            seen, result = asyncio.run(scenario())
-            assert seen >= 10 and result.exit_layer == 4
-            first.result(timeout=60)
-    finally:
-        release.set()
-        layer_class.forward = original
+        seen, result = asyncio.run(scenario())
+        assert seen >= 10 and result.exit_layer == 4
+        first.result(timeout=60)
 
 
 def test_a_base_exception_in_a_layer_fails_every_pending_request_and_marks_the_engine_unhealthy():

@@ -49,7 +49,9 @@ def test_choose_speed_for_accuracy_and_for_speedup():
     speed, stats = choose_speed(profile, labels, model, max_accuracy_drop=0.0)
     assert stats["teacher_accuracy"] == 1.0 and stats["accuracy"] == 1.0
     assert (profile.predictions(speed) == labels).all()
-    assert not (profile.predictions(min(1.0, speed + 0.01)) == labels).all() or speed == 1.0
+    # Random students disagree with the teacher somewhere: a speed above the chosen one loses accuracy.
+    assert speed < 1.0
+    assert not (profile.predictions(min(1.0, speed + 0.01)) == labels).all()
     fast, fast_stats = choose_speed(profile, labels, model, min_speedup=1.2)
     assert fast_stats["speedup"] >= 1.2
     # ... and it is the smallest such speed on the grid.

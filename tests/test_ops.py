@@ -129,7 +129,9 @@ def test_patience_state_matches_reference(backend, device, criterion, patience):
     assert torch.equal(got.streak[away], expected.streak[away])
     assert torch.equal(got.exits[away], expected.exits[away])
     if patience > 1:  # the state matters: some rows that are confident now still stay
-        assert (got.exits != (got.uncertainty < speed)).any() or not (got.uncertainty < speed).any()
+        confident = got.uncertainty < speed  # about half the rows: speed is the median
+        assert confident.sum() >= n // 4
+        assert (got.exits != confident).any()
 
 
 @pytest.mark.parametrize("r,c", [(384, 3), (128, 1000), (768, 257)])
@@ -381,14 +383,20 @@ def test_op_contract_is_written_once_per_language():
     from fastbert_kernels.ops.library import SCHEMAS
 
     assert "Tensor[] weights" in SCHEMAS["exit_head"]
-    if compiled.LOAD_ERROR is None or "schema" in compiled.LOAD_ERROR:
-        assert compiled.LOAD_ERROR is None, compiled.LOAD_ERROR
-        names = [n for n in compiled.BUILD_INFO["folded_weights"].split(",") if n]
-        assert names == list(FoldedWeights._fields)
-        criteria = [n for n in compiled.BUILD_INFO["exit_criteria"].split(",") if n]
-        assert criteria == list(EXIT_CRITERIA)
     for name, schema in SCHEMAS.items():
         assert str(getattr(torch.ops.fastbert, name).default._schema) == f"fastbert::{schema}"
+
+
+@pytest.mark.skipif(
+    compiled.LOAD_ERROR is not None and "schema" not in compiled.LOAD_ERROR,
+    reason="C++ extension not built (a schema mismatch at load would still fail this test)",
+)
+def test_extension_unpacks_weights_and_names_criteria_as_python_does():
+    assert compiled.LOAD_ERROR is None, compiled.LOAD_ERROR
+    names = [n for n in compiled.BUILD_INFO["folded_weights"].split(",") if n]
+    assert names == list(FoldedWeights._fields)
+    criteria = [n for n in compiled.BUILD_INFO["exit_criteria"].split(",") if n]
+    assert criteria == list(EXIT_CRITERIA)
 
 
 def test_opcheck_exit_head(backend, device):

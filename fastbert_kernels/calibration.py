@@ -424,7 +424,6 @@ def calibrate(
         profile, table, labels, risks=risks, epsilon=epsilon, delta=delta, families=families,
         family_selection=family_selection,
     )  # fmt: skip
-    n = profile.prediction.shape[0]
     if found is None:
         raise ValueError(_nothing_certifies(profile, labels, families, epsilon, delta / len(risks) / len(families)))
     teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean()) if labels is not None else math.nan
@@ -446,7 +445,7 @@ def calibrate(
         risk=found.risk if max_disagreement is not None else "accuracy_drop",
         epsilon=epsilon,
         delta=delta,
-        samples=n,
+        samples=found.samples,
         estimate=found.estimate,
         upper_bound=found.upper_bound,
         bound="Clopper-Pearson" if found.risk == "disagreement" else "Clopper-Pearson difference",

@@ -198,6 +198,7 @@ class _Certified:
     speedup: float
     risk: str
     alpha: float
+    samples: int  # the texts the bound was computed on (half of them with a split)
 
 
 def fixed_sequence(profile, table, rows, labels, family, risk: str, epsilon: float, alpha: float) -> _Certified | None:
@@ -210,7 +211,7 @@ def fixed_sequence(profile, table, rows, labels, family, risk: str, epsilon: flo
         estimate, upper = _bound(losses, risk, alpha)
         if upper > epsilon:
             break
-        found = _Certified(family, speed, estimate, upper, table.speedup_of(layers, rows), risk, alpha)
+        found = _Certified(family, speed, estimate, upper, table.speedup_of(layers, rows), risk, alpha, len(rows))
     return found
 
 
@@ -225,7 +226,7 @@ def point_estimate_pick(profile, table, rows, labels, family, risk: str, epsilon
         if estimate <= epsilon:
             speedup = table.speedup_of(layers, rows)
             if best is None or speedup > best.speedup:
-                best = _Certified(family, speed, estimate, math.nan, speedup, risk, math.nan)
+                best = _Certified(family, speed, estimate, math.nan, speedup, risk, math.nan, len(rows))
     return best
 
 

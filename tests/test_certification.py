@@ -87,24 +87,26 @@ def _disagreement(profile: ExitProfile, setting) -> float:
 
 @pytest.mark.parametrize("family_selection", ["bonferroni", "split"])
 def test_certified_rule_keeps_its_risk_on_new_data(family_selection):
-    """Ten calibration sets of 600 from one distribution, each certified at epsilon 5%, delta 0.1,
-    and checked on 20,000 new samples: the risk exceeds epsilon in at most 2 of 10 (a binomial
-    tail: at delta 0.1 that is rare), and the certified rules do exit (speed-up above 1)."""
+    """Ten calibration sets of 600 from one distribution, each certified at epsilon 5%, delta 0.05,
+    and checked on 20,000 new samples (risk measured to about +-0.0015): each calibration may
+    overshoot with probability at most delta, so more than 3 of 10 overshooting (beyond the
+    measurement's own noise) has probability under 0.1% unless the guarantee is broken; and the
+    certified rules do exit (speed-up above 1)."""
     model = _model()
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     fresh = _synthetic_profile(20_000, generator)
     over, speedups = 0, []
     for _ in range(10):
         calibration = fbk.calibrate(
-            model, _synthetic_profile(600, generator), max_disagreement=0.05, delta=0.1,
+            model, _synthetic_profile(600, generator), max_disagreement=0.05, delta=0.05,
             criteria=("max_prob", "margin"), temperatures=(1.0,), patiences=(1, 2),
             family_selection=family_selection, apply=False,
         )  # fmt: skip
         certificate = calibration.certificate
         assert certificate.upper_bound <= 0.05 and certificate.estimate <= certificate.upper_bound
-        over += _disagreement(fresh, calibration.chosen) > 0.05
+        over += _disagreement(fresh, calibration.chosen) > 0.05 + 0.003
         speedups.append(calibration.chosen.speedup)
-    assert over <= 2
+    assert over <= 3
     assert min(speedups) > 1.0
 
 
@@ -112,6 +114,8 @@ def test_point_estimate_pick_is_over_budget_more_often_than_the_certified_one():
     """The uncertified fastest-within-budget rule, chosen on small samples, overshoots on new data
     at least as often as the certified one (it selects for luck)."""
     model = _model()
+    # One fixed draw: a comparison of two overshoot counts over 8 calibrations is itself random, and
+    # a fixed draw makes it a deterministic check of the selection effect rather than a coin flip.
     generator = torch.Generator().manual_seed(7)
     fresh = _synthetic_profile(20_000, generator)
     families = dict(criteria=("max_prob",), temperatures=(1.0,), patiences=(1,))

@@ -103,7 +103,8 @@ def adaptive_forward(
         # The largest speed is the one number that decides between the paths below.
         per_row, speed = check_row_speeds(speed, input_ids if input_ids is not None else inputs_embeds, self)
     speed = check_speed(config.default_speed if speed is None else speed)
-    check_students_trained(self, speed)
+    if speed > 0 and not config.students_trained:  # the flag first: no cost on the hot path once trained
+        check_students_trained(self, speed)
     for flag in ("output_attentions", "output_hidden_states"):
         if kwargs.pop(flag, False):
             raise NotImplementedError(f"{flag} is not available from the adaptive forward (samples leave early)")

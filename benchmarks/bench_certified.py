@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import fastbert_kernels as fbk
-from fastbert_kernels.apps.benchmarking import make_batches
 from fastbert_kernels.apps.data import load_dataset
+from fastbert_kernels.batching import make_batches
 from fastbert_kernels.calibration import ExitProfile, FlopsTable, exit_profile
 from fastbert_kernels.certification import CERTIFY_SPEEDS, default_families
 

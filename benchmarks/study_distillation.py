@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from fastbert_kernels.apps.benchmarking import make_batches
 from fastbert_kernels.apps.data import load_dataset
 from fastbert_kernels.apps.demo import BATCH_SIZE, MAX_ACCURACY_DROP, prepare_model, student_accuracy
+from fastbert_kernels.batching import make_batches
 from fastbert_kernels.calibration import FlopsTable, calibrate, exit_profile
 
 RESULTS = Path(__file__).parent / "results"

@@ -19,8 +19,9 @@ import torch
 
 from . import flops
 from .architectures import architecture_for
+from .batching import make_batches
 from .certification import Certificate
-from .encoder import all_layer_states, embed
+from .encoder import all_layer_states, embed, model_device
 from .modeling import teacher_logits
 from .ops.reference import uncertainty as criterion_uncertainty
 from .ops.reference import update_streak
@@ -166,9 +167,7 @@ class FlopsTable:
 
     def speedup(self, exit_layers: torch.Tensor, with_branches: bool = True) -> float:
         """Full FLOPs / adaptive FLOPs when the samples leave after ``exit_layers [N]`` (1-based)."""
-        if with_branches not in self._adaptive:
-            self._adaptive[with_branches] = self._table(with_branches)
-        spent = self._adaptive[with_branches].gather(0, (exit_layers - 1)[None, :]).sum()
+        spent = self._adaptive_table(with_branches).gather(0, (exit_layers - 1)[None, :]).sum()
         return float(self.full.sum() / spent)
 
 
@@ -322,18 +321,7 @@ def _profile_of(model, data, tokenizer, batch_size: int, max_length: int) -> Exi
         if tokenizer is None:
             raise TypeError("texts need a tokenizer: calibrate(model, texts, tokenizer, ...)")
         _warn_if_distilled_on(model, data)
-        device = next(model.parameters()).device
-        batches = []
-        for start in range(0, len(data), batch_size):
-            encoded = tokenizer(
-                data[start : start + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            batches.append({k: v.to(device) for k, v in encoded.items()})
-        return exit_profile(model, batches)
+        return exit_profile(model, make_batches(tokenizer, data, batch_size, max_length, model_device(model)))
     if all(isinstance(b, dict) for b in data):
         return exit_profile(model, data)
     raise TypeError("calibration data must be a list of texts, a list of batches or an ExitProfile")
@@ -425,7 +413,7 @@ def calibrate(
         family_selection=family_selection,
     )  # fmt: skip
     if found is None:
-        raise ValueError(_nothing_certifies(profile, labels, families, epsilon, delta / len(risks) / len(families)))
+        raise ValueError(_nothing_certifies(profile, families, epsilon, delta / len(risks) / len(families)))
     teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean()) if labels is not None else math.nan
 
     def setting(result) -> ExitSetting:
@@ -460,7 +448,7 @@ def calibrate(
     return result
 
 
-def _nothing_certifies(profile, labels, families, epsilon: float, alpha: float) -> str:
+def _nothing_certifies(profile, families, epsilon: float, alpha: float) -> str:
     """The error when no speed certifies: for each family's gentlest exiting speed, its observed
     disagreement, and the fewest texts at which that rate would have certified."""
     from .certification import CERTIFY_SPEEDS, required_samples
@@ -470,7 +458,7 @@ def _nothing_certifies(profile, labels, families, epsilon: float, alpha: float) 
     for criterion, temperature, patience in families:
         predictions = profile.predictions(CERTIFY_SPEEDS[0], criterion, temperature, patience)
         rate = float((predictions != profile.prediction[:, -1]).float().mean())
-        count = required_samples(rate, epsilon, alpha) if rate > 0 else required_samples(0.0, epsilon, alpha)
+        count = required_samples(rate, epsilon, alpha)
         if count is not None and (needed is None or count < needed):
             best_rate, needed = rate, count
     advice = (

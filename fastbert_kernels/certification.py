@@ -46,7 +46,6 @@ from .ops.types import EXIT_CRITERIA
 CERTIFY_SPEEDS: tuple[float, ...] = tuple(
     sorted({round(10 ** (-4 + 2 * i / 100), 8) for i in range(100)} | {i / 1000 for i in range(1, 1001)})
 )
-RISKS = ("disagreement", "accuracy_drop")
 
 
 def _log_binomial_cdf(k: int, n: int, p: float) -> float:
@@ -264,7 +263,7 @@ def certify(
             if picks:
                 family = max(picks, key=lambda p: p.speedup).family
                 results[family] = fixed_sequence(profile, table, test, labels, family, risk, epsilon, per_risk)
-        report[risk] = {f: r for f, r in results.items()}
+        report[risk] = results
         found += [r for r in results.values() if r is not None]
     best = max(found, key=lambda r: (r.speedup, -r.upper_bound), default=None)
     return best, report

@@ -33,9 +33,6 @@ from .state import check_students_trained, fastbert_config, is_patched
 MANIFEST_FILE = "manifest.json"
 
 
-CORPUS_FORMATS = (".txt", ".jsonl", ".csv")
-
-
 class CorpusFormatError(ValueError):
     """A corpus file that cannot be read as its format says, with the line that breaks it."""
 
@@ -95,6 +92,15 @@ def _read_csv(path: Path) -> list[str]:
         raise CorpusFormatError(f"{path}: not valid CSV ({err})") from err
 
 
+def _read_txt(path: Path) -> list[str]:
+    return [line for _, line in _decoded_lines(path)]
+
+
+# One strict reader per format, by lower-case suffix; the known formats are this table's keys.
+_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
+CORPUS_FORMATS = tuple(_READERS)
+
+
 def check_corpus_path(path: str | Path) -> Path:
     """``path`` as a Path, if it is a file of a known corpus format (:data:`CORPUS_FORMATS`); else
     the error :func:`read_texts` would raise, without reading the file."""
@@ -115,12 +121,7 @@ def read_texts(source: Sequence[str] | str | Path) -> list[str]:
     malformed file names the line that breaks it."""
     if isinstance(source, (str, Path)):
         path = check_corpus_path(source)
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return _read_jsonl(path)
-        if suffix == ".csv":
-            return _read_csv(path)
-        return [line for _, line in _decoded_lines(path)]
+        return _READERS[path.suffix.lower()](path)
     if isinstance(source, (bytes, bytearray)):
         raise TypeError("the corpus must hold strings, got bytes (decode them, or pass a file path as a str)")
     texts = source.tolist() if hasattr(source, "tolist") else list(source)

@@ -260,7 +260,8 @@ def test_exit_rule_config_is_checked_and_saved(tmp_path):
 
 
 def test_benchmark_times_each_rule_without_autograd_and_restores_the_config():
-    from fastbert_kernels.apps.benchmarking import benchmark, fastbert_predict, make_batches
+    from fastbert_kernels.apps.benchmarking import benchmark, fastbert_predict
+    from fastbert_kernels.batching import make_batches
     from fastbert_kernels.calibration import ExitSetting
 
     model = fbk.patch(tiny_model("bert")).eval()

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
+from ..batching import make_batches
 from ..calibration import ExitSetting, flops_speedup
 from ..encoder import embed, layer_context, run_layers
 from ..modeling import teacher_logits
@@ -25,21 +26,6 @@ Batch = dict[str, torch.Tensor]
 # The unpatched model is timed again after every this many methods, so that a drift in machine
 # load during a long run shows up in the baseline too (the fastest baseline is the reference).
 BASELINE_EVERY = 4
-
-
-def make_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, device) -> list[Batch]:
-    """Tokenised once, in order, so that tokenisation is never timed."""
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(
-            list(texts[start : start + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        batches.append({k: v.to(device) for k, v in encoded.items()})
-    return batches
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:

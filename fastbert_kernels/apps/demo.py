@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ..batching import make_batches
 from ..calibration import Calibration, ExitProfile, calibrate, exit_profile
-from .benchmarking import BenchRow, benchmark, make_batches
+from .benchmarking import BenchRow, benchmark
 from .data import load_dataset, packaged_model_dir
 from .environment import environment
 

@@ -35,12 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CACHE = ROOT / ".cache" / "fastbert_demo"
 
 
-def subset(profile: ExitProfile, rows: torch.Tensor) -> ExitProfile:
-    return ExitProfile(profile.logits[rows], profile.lengths[rows], profile.padded[rows])
-
-
-def risk_of(profile: ExitProfile, labels, setting, risk: str) -> float:
-    early = profile.predictions(setting.speed, setting.criterion, setting.temperature, setting.patience)
+def risk_of(profile: ExitProfile, labels, rule: fbk.ExitRule, risk: str) -> float:
+    early = profile.predictions(rule)
     full = profile.prediction[:, -1]
     if risk == "disagreement":
         return float((early != full).float().mean())
@@ -48,21 +44,28 @@ def risk_of(profile: ExitProfile, labels, setting, risk: str) -> float:
 
 
 def oracle(model, profile: ExitProfile, labels, risk: str, epsilon: float, families) -> float:
-    """The largest ideal speed-up of any grid setting whose risk on ``profile`` is within epsilon."""
+    """The largest ideal speed-up of any grid rule whose risk on ``profile`` is within epsilon."""
     table, best = FlopsTable(model, profile.lengths), 1.0
-    for criterion, temperature, patience in families:
+    for family in families:
         for speed in CERTIFY_SPEEDS[::4]:
-            layers = profile.exit_layers(speed, criterion, temperature, patience)
-            early = profile.prediction.gather(1, (layers - 1)[:, None]).squeeze(1)
-            full = profile.prediction[:, -1]
-            value = (
-                float((early != full).float().mean())
-                if risk == "disagreement"
-                else float((full == labels).float().mean() - (early == labels).float().mean())
-            )
-            if value <= epsilon:
-                best = max(best, table.speedup(layers))
+            rule = family.replace(speed=speed)
+            if risk_of(profile, labels, rule, risk) <= epsilon:
+                best = max(best, table.speedup(profile.exit_layers(rule), rule))
     return best
+
+
+def certified_on(model, calibration: ExitProfile, cal_labels, test: ExitProfile, test_labels, risk, args, **options):
+    """The certified rule's ideal speed-up and risk on the test half (1.0 and 0: nothing certified,
+    the model runs at speed 0), and the rule."""
+    target = {"max_disagreement": args.epsilon} if risk == "disagreement" else {"max_accuracy_drop": args.epsilon}
+    labels = None if risk == "disagreement" else cal_labels
+    try:
+        found = fbk.calibrate(model, calibration, labels=labels, delta=args.delta, apply=False, **target, **options)
+    except ValueError:
+        return 1.0, 0.0, None
+    rule = found.rule
+    speedup = FlopsTable(model, test.lengths).speedup(test.exit_layers(rule), rule)
+    return speedup, risk_of(test, test_labels, rule, risk), rule
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=0.01)
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[250, 500], help="smaller calibration sets (the curve)")
+    parser.add_argument("--student-sets", choices=["auto", "all"], default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     found = sorted(DEMO_CACHE.glob(f"{args.data}-fastbert-*")) if args.checkpoint is None else [Path(args.checkpoint)]
@@ -85,42 +90,37 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.perf_counter()
     profile = exit_profile(model, make_batches(tokenizer, held_out, 64, args.max_length, torch.device("cpu")))
     profile_s = time.perf_counter() - begin
-    families = default_families()
+    families = default_families(students=[None])
+    options = {"student_sets": args.student_sets}
     n = len(held_out)
     rows = []
     for split in range(args.splits):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(split))
         calibration_rows, test_rows = order[: n // 2], order[n // 2 :]
-        calibration, test = subset(profile, calibration_rows), subset(profile, test_rows)
+        calibration, test = profile.subset(calibration_rows), profile.subset(test_rows)
         cal_labels, test_labels = labels_all[calibration_rows], labels_all[test_rows]
         row = {"split": split}
-        for risk, kwargs in (
-            ("disagreement", {"max_disagreement": args.epsilon}),
-            ("accuracy_drop", {"max_accuracy_drop": args.epsilon, "labels": cal_labels}),
-        ):
+        for risk in ("disagreement", "accuracy_drop"):
             row[f"oracle_{risk}"] = oracle(model, test, test_labels, risk, args.epsilon, families)
-            try:
-                certified = fbk.calibrate(model, calibration, delta=args.delta, apply=False, **kwargs)
-                row[f"certified_{risk}_speedup"] = FlopsTable(model, test.lengths).speedup(
-                    test.exit_layers(
-                        certified.chosen.speed,
-                        certified.chosen.criterion,
-                        certified.chosen.temperature,
-                        certified.chosen.patience,
+            found = certified_on(model, calibration, cal_labels, test, test_labels, risk, args, **options)
+            row[f"certified_{risk}_speedup"], row[f"certified_{risk}_test_risk"], rule = found
+            row[f"certified_{risk}_rule"] = None if rule is None else rule.as_dict()
+            for size in args.sizes:  # the same split, calibrated on its first `size` texts only
+                if size < len(calibration_rows):
+                    few = torch.arange(size)
+                    speedup, test_risk, _ = certified_on(
+                        model, calibration.subset(few), cal_labels[few], test, test_labels, risk, args, **options
                     )
-                )
-                row[f"certified_{risk}_test_risk"] = risk_of(test, test_labels, certified.chosen, risk)
-            except ValueError:
-                row[f"certified_{risk}_speedup"], row[f"certified_{risk}_test_risk"] = 1.0, 0.0  # speed 0
+                    row[f"certified_{risk}_speedup_at_{size}"] = speedup
+                    row[f"certified_{risk}_test_risk_at_{size}"] = test_risk
         point = fbk.calibrate(
-            model, calibration, labels=cal_labels, max_accuracy_drop=args.epsilon, certified=False, apply=False
-        )
-        row["point_estimate_test_drop"] = risk_of(test, test_labels, point.chosen, "accuracy_drop")
-        row["point_estimate_test_disagreement"] = risk_of(test, test_labels, point.chosen, "disagreement")
-        chosen = point.chosen
-        row["point_estimate_speedup"] = FlopsTable(model, test.lengths).speedup(
-            test.exit_layers(chosen.speed, chosen.criterion, chosen.temperature, chosen.patience)
-        )
+            model, calibration, labels=cal_labels, max_accuracy_drop=args.epsilon, certified=False,
+            student_sets="all", apply=False,
+        )  # fmt: skip
+        rule = point.rule
+        row["point_estimate_test_drop"] = risk_of(test, test_labels, rule, "accuracy_drop")
+        row["point_estimate_test_disagreement"] = risk_of(test, test_labels, rule, "disagreement")
+        row["point_estimate_speedup"] = FlopsTable(model, test.lengths).speedup(test.exit_layers(rule), rule)
         rows.append(row)
         print(json.dumps(row), flush=True)
     summary = {
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "delta": args.delta,
         "splits": args.splits,
         "profile_seconds": profile_s,
+        "calibration_texts": n // 2,
+        "student_sets": args.student_sets,
     }
     for risk in ("disagreement", "accuracy_drop"):
         summary[f"certified_{risk}_exceeds"] = sum(r[f"certified_{risk}_test_risk"] > args.epsilon for r in rows)
@@ -139,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary[f"certified_{risk}_median_speedup"] = statistics.median(r[f"certified_{risk}_speedup"] for r in rows)
         summary[f"oracle_{risk}_median_speedup"] = statistics.median(r[f"oracle_{risk}"] for r in rows)
+        for size in args.sizes:
+            key = f"certified_{risk}_speedup_at_{size}"
+            if all(key in r for r in rows):
+                summary[f"{key}_median"] = statistics.median(r[key] for r in rows)
+                summary[f"certified_{risk}_exceeds_at_{size}"] = sum(
+                    r[f"certified_{risk}_test_risk_at_{size}"] > args.epsilon for r in rows
+                )
     summary["point_estimate_drop_exceeds"] = sum(r["point_estimate_test_drop"] > args.epsilon for r in rows)
     summary["point_estimate_median_speedup"] = statistics.median(r["point_estimate_speedup"] for r in rows)
     summary["point_estimate_median_test_drop"] = statistics.median(r["point_estimate_test_drop"] for r in rows)

@@ -18,12 +18,17 @@ from pathlib import Path
 import fastbert_kernels as fbk
 from fastbert_kernels.apps.benchmarking import benchmark
 from fastbert_kernels.apps.data import load_dataset
-from fastbert_kernels.calibration import ExitSetting
 
 
-def _rule(text: str) -> ExitSetting:
-    criterion, temperature, patience, speed = text.split(":")
-    return ExitSetting(criterion, float(temperature), int(patience), float(speed), accuracy=0.0, speedup=0.0)
+def _rule(text: str) -> fbk.ExitRule:
+    """``criterion:temperature:patience:speed[:first-last]`` (the students from layer first to last)."""
+    parts = text.split(":")
+    criterion, temperature, patience, speed = parts[:4]
+    students = None
+    if len(parts) == 5:
+        first, last = map(int, parts[4].split("-"))
+        students = tuple(range(first, last + 1))
+    return fbk.ExitRule(criterion, float(temperature), int(patience), float(speed), students)
 
 
 def main() -> None:
@@ -51,7 +56,7 @@ def main() -> None:
         batch_size=args.batch_size,
         max_length=args.max_length,
         repeats=args.repeats,
-        settings=args.rules,
+        rules=args.rules,
     )
     records = [r.as_dict() for r in rows]
     for r in rows:

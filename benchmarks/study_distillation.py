@@ -74,12 +74,12 @@ def study(args: argparse.Namespace) -> list[dict]:
             if best is None:
                 per_criterion[criterion] = None
                 continue
-            layers = test.exit_layers(best.speed, best.criterion, best.temperature, best.patience)
-            predicted = test.predictions(best.speed, best.criterion, best.temperature, best.patience)
+            layers = test.exit_layers(best.rule)
+            predicted = test.answers(layers)
             per_criterion[criterion] = {
                 "validation": best.as_dict(),
                 "test_accuracy": float((predicted == labels["test"]).float().mean()),
-                "test_ideal_speedup": table.speedup(layers, with_branches=best.speed > 0),
+                "test_ideal_speedup": table.speedup(layers, best.rule),
             }
         row = {
             "recipe": recipe,

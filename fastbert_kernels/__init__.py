@@ -20,6 +20,7 @@ from .calibration import Calibration, ExitProfile, ExitSetting, calibrate, choos
 from .checkpoint import save_pretrained
 from .config import FastBertConfig
 from .corpus import classify_corpus
+from .exit_rule import ExitRule
 from .modeling import FastBertOutput, fastbert_config, is_patched, patch, students, unpatch
 from .pipelines import FastBertTextClassificationPipeline, pipeline
 from .serialization import from_pretrained, load_checkpoint
@@ -35,6 +36,7 @@ __all__ = [
     "Engine",
     "EngineResult",
     "ExitProfile",
+    "ExitRule",
     "ExitSetting",
     "FastBertConfig",
     "FastBertOutput",

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .exit_rule import ExitRule
 from .ops.reference import branch_logits
 from .ops.reference import exit_decision as reference_exit_decision
 from .ops.types import BranchWeights, ExitHeadOutput, FoldedWeights
@@ -71,17 +72,16 @@ class BranchClassifier(nn.Module):
         self,
         hidden: torch.Tensor,
         mask: torch.Tensor,
-        speed: float,
-        criterion: str = "entropy",
-        temperature: float = 1.0,
-        patience: int = 1,
+        rule: ExitRule,
         streak: torch.Tensor | None = None,
     ) -> ExitHeadOutput:
-        """logits ``[N, C]``, the criterion's uncertainty ``[N]``, exits ``[N]`` and the patience
-        state ``[N, 2]`` for one layer's rows (see :func:`fastbert_kernels.ops.exit_head`).
+        """logits ``[N, C]``, ``rule``'s uncertainty ``[N]``, exits ``[N]`` and the patience state
+        ``[N, 2]`` for one layer's rows (see :func:`fastbert_kernels.ops.exit_head`; the rule's
+        student set is the caller's: this student runs).
 
         The fused op when no gradient is wanted; this module's differentiable forward when one is
         (an attribution method on an eval-mode model), so gradients are never silently cut."""
+        speed, criterion, temperature, patience = rule.speed, rule.criterion, rule.temperature, rule.patience
         if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in self.parameters())):
             return reference_exit_decision(self(hidden, mask), speed, criterion, temperature, patience, streak)
         # The adaptive forward's inputs are valid by construction: the op without Python checks.

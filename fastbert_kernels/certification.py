@@ -39,6 +39,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .exit_rule import ExitRule
 from .ops.types import EXIT_CRITERIA
 
 # The fixed grid of speeds every family is tested on, conservative first. Fixed in advance (not
@@ -158,74 +159,113 @@ class Certificate:
         )
 
 
+# Speeds are tested in chunks: one vectorised pass per chunk, and the walk stops at the first
+# failure, so a family that fails early costs one chunk.
+_CHUNK = 128
+
+
 @dataclasses.dataclass(frozen=True)
-class _Losses:
-    """Per-sample outcomes of one setting against the full model: disagreement, and with labels
-    the samples the early answer makes wrong (``worse``) or right (``better``)."""
+class _Counts:
+    """Outcomes of one family at S speeds against the full model, over the samples tested:
+    ``disagree [S]`` of ``samples``; with labels, ``worse [S]`` (the early answer wrong, the full
+    one right) and ``better [S]`` of the ``labelled`` ones."""
 
-    disagree: torch.Tensor
-    worse: torch.Tensor | None
-    better: torch.Tensor | None
+    disagree: list[int]
+    worse: list[int] | None
+    better: list[int] | None
+    samples: int
+    labelled: int
 
 
-def _losses(profile, rows: torch.Tensor, labels: torch.Tensor | None, speed, criterion, temperature, patience):
-    layers = profile.exit_layers(speed, criterion, temperature, patience)[rows]
-    early = profile.prediction[rows].gather(1, (layers - 1)[:, None]).squeeze(1)
-    full = profile.prediction[rows, -1]
+def _counts(profile, rows: torch.Tensor, labels: torch.Tensor | None, layers: torch.Tensor) -> _Counts:
+    """``layers [S, len(rows)]``; ``labels [N]`` holds -1 for unlabelled samples, which count for
+    the disagreement only."""
+    prediction = profile.prediction[rows]  # [R, L]
+    early = prediction.gather(1, (layers - 1).T).T  # [S, R]
+    full = prediction[:, -1]
+    disagree = (early != full).sum(1).tolist()
     if labels is None:
-        return layers, _Losses(early != full, None, None)
+        return _Counts(disagree, None, None, len(rows), 0)
     truth = labels[rows]
-    return layers, _Losses(early != full, (early != truth) & (full == truth), (early == truth) & (full != truth))
+    labelled = truth >= 0
+    early, full, truth = early[:, labelled], full[labelled], truth[labelled]
+    worse = ((early != truth) & (full == truth)).sum(1).tolist()
+    better = ((early == truth) & (full != truth)).sum(1).tolist()
+    return _Counts(disagree, worse, better, len(rows), int(labelled.sum()))
 
 
-def _bound(losses: _Losses, risk: str, alpha: float) -> tuple[float, float]:
-    """(estimate, upper bound at level alpha) of ``risk``."""
-    n = losses.disagree.numel()
+def _estimate(counts: _Counts, i: int, risk: str) -> tuple[float, int]:
+    """(measured risk, samples it used) at the i-th speed."""
     if risk == "disagreement":
-        k = int(losses.disagree.sum())
-        return k / n, binomial_upper_bound(k, n, alpha)
-    worse, better = int(losses.worse.sum()), int(losses.better.sum())
-    return (worse - better) / n, accuracy_drop_upper_bound(worse, better, n, alpha)
+        return counts.disagree[i] / max(counts.samples, 1), counts.samples
+    return (counts.worse[i] - counts.better[i]) / max(counts.labelled, 1), counts.labelled
+
+
+def _bound(counts: _Counts, i: int, risk: str, alpha: float) -> tuple[float, float, int]:
+    """(estimate, upper bound at level alpha, samples it used) of ``risk`` at the i-th speed."""
+    estimate, n = _estimate(counts, i, risk)
+    if risk == "disagreement":
+        return estimate, binomial_upper_bound(counts.disagree[i], n, alpha), n
+    return estimate, accuracy_drop_upper_bound(counts.worse[i], counts.better[i], n, alpha), n
 
 
 @dataclasses.dataclass(frozen=True)
-class _Certified:
-    family: tuple[str, float, int]
-    speed: float
+class Certified:
+    """One rule that passed: its measured risk, the bound that certified it (at level ``alpha``),
+    its ideal speed-up, and the texts the bound used (half of them with a split)."""
+
+    rule: ExitRule
     estimate: float
     upper_bound: float
     speedup: float
     risk: str
     alpha: float
-    samples: int  # the texts the bound was computed on (half of them with a split)
+    samples: int
 
 
-def fixed_sequence(profile, table, rows, labels, family, risk: str, epsilon: float, alpha: float) -> _Certified | None:
-    """The most aggressive speed of ``family`` that fixed-sequence testing certifies on ``rows``
-    (tested in :data:`CERTIFY_SPEEDS` order, stopping at the first failure), or None."""
-    criterion, temperature, patience = family
-    found = None
-    for speed in CERTIFY_SPEEDS:
-        layers, losses = _losses(profile, rows, labels, speed, criterion, temperature, patience)
-        estimate, upper = _bound(losses, risk, alpha)
-        if upper > epsilon:
-            break
-        found = _Certified(family, speed, estimate, upper, table.speedup_of(layers, rows), risk, alpha, len(rows))
-    return found
+def _chunks(speeds: Sequence[float]):
+    for start in range(0, len(speeds), _CHUNK):
+        yield speeds[start : start + _CHUNK]
 
 
-def point_estimate_pick(profile, table, rows, labels, family, risk: str, epsilon: float) -> _Certified | None:
+def fixed_sequence(
+    profile, table, rows, labels, family: ExitRule, risk: str, epsilon: float, alpha: float
+) -> Certified | None:
+    """The most aggressive speed of ``family`` (a rule whose speed is replaced) that fixed-sequence
+    testing certifies on ``rows``: tested in :data:`CERTIFY_SPEEDS` order, stopping at the first
+    failure; None if the first fails. Exits only grow with the speed, so the most aggressive
+    certified speed is also the fastest."""
+    found = None  # (speed, estimate, bound, samples, that chunk's layers row)
+    for speeds in _chunks(CERTIFY_SPEEDS):
+        layers = profile.exit_layers_at(family, speeds, rows)
+        counts = _counts(profile, rows, labels, layers)
+        for i, speed in enumerate(speeds):
+            estimate, upper, n = _bound(counts, i, risk, alpha)
+            if upper > epsilon:
+                break
+            found = (speed, estimate, upper, n, layers[i])
+        else:
+            continue
+        break
+    if found is None:
+        return None
+    speed, estimate, upper, n, exit_layers = found
+    rule = family.replace(speed=speed)
+    return Certified(rule, estimate, upper, table.speedup(exit_layers, rule, rows), risk, alpha, n)
+
+
+def point_estimate_pick(profile, table, rows, labels, family: ExitRule, risk: str, epsilon: float) -> Certified | None:
     """The fastest speed of ``family`` whose measured risk on ``rows`` is within ``epsilon`` (the
     choosing half of a split: no guarantee by itself)."""
-    criterion, temperature, patience = family
     best = None
-    for speed in CERTIFY_SPEEDS:
-        layers, losses = _losses(profile, rows, labels, speed, criterion, temperature, patience)
-        estimate, _ = _bound(losses, risk, 0.5)
-        if estimate <= epsilon:
-            speedup = table.speedup_of(layers, rows)
-            if best is None or speedup > best.speedup:
-                best = _Certified(family, speed, estimate, math.nan, speedup, risk, math.nan, len(rows))
+    for speeds in _chunks(CERTIFY_SPEEDS):
+        layers = profile.exit_layers_at(family, speeds, rows)
+        counts = _counts(profile, rows, labels, layers)
+        speedups = table.speedups(layers, family, speeds, rows).tolist()
+        for i, speed in enumerate(speeds):
+            estimate, n = _estimate(counts, i, risk)
+            if estimate <= epsilon and (best is None or speedups[i] > best.speedup):
+                best = Certified(family.replace(speed=speed), estimate, math.nan, speedups[i], risk, math.nan, n)
     return best
 
 
@@ -237,19 +277,19 @@ def certify(
     risks: Sequence[str],
     epsilon: float,
     delta: float,
-    families: Sequence[tuple[str, float, int]],
+    families: Sequence[ExitRule],
     family_selection: str = "bonferroni",
     seed: int = 0,
-) -> tuple[_Certified | None, dict]:
-    """The fastest certified setting over ``families`` for any of ``risks`` (``delta`` divided
+) -> tuple[Certified | None, dict[str, dict[ExitRule, Certified | None]]]:
+    """The fastest certified rule over ``families`` for any of ``risks`` (``delta`` divided
     equally among the risks), and what each risk and family gave (for the report)."""
     if family_selection not in ("bonferroni", "split"):
         raise ValueError(f"family_selection must be 'bonferroni' or 'split', got {family_selection!r}")
-    n = profile.prediction.shape[0]
+    n = profile.num_samples
     everyone = torch.arange(n)
     per_risk = delta / len(risks)
-    found: list[_Certified] = []
-    report: dict = {}
+    found: list[Certified] = []
+    report: dict[str, dict[ExitRule, Certified | None]] = {}
     for risk in risks:
         if family_selection == "bonferroni":
             alpha = per_risk / len(families)
@@ -261,7 +301,7 @@ def certify(
             picks = [p for p in picks if p is not None]
             results = {}
             if picks:
-                family = max(picks, key=lambda p: p.speedup).family
+                family = max(picks, key=lambda p: p.speedup).rule.replace(speed=0.0)
                 results[family] = fixed_sequence(profile, table, test, labels, family, risk, epsilon, per_risk)
         report[risk] = results
         found += [r for r in results.values() if r is not None]
@@ -269,5 +309,22 @@ def certify(
     return best, report
 
 
-def default_families(criteria=EXIT_CRITERIA, temperatures=(1.0, 0.5, 0.25), patiences=(1, 2, 3)):
-    return [(c, float(t), int(p)) for c in criteria for t in temperatures for p in patiences]
+def student_sets(num_layers: int) -> list[tuple[int, ...] | None]:
+    """The student sets calibration tries by default, fixed before it sees data: every student
+    (None), and the students from layer m on for m at about 1/6, 1/3, 1/2, 2/3 and 5/6 of the
+    depth. Early students are the ones a cautious threshold rarely lets anyone leave at, so they
+    are the ones that cost without paying."""
+    last = num_layers - 1
+    starts = sorted({max(2, round(num_layers * f)) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 5 / 6)})
+    return [None] + [tuple(range(m, last + 1)) for m in starts if m <= last]
+
+
+def default_families(
+    criteria=EXIT_CRITERIA,
+    temperatures=(1.0, 0.5, 0.25),
+    patiences=(1, 2, 3),
+    students: Sequence[tuple[int, ...] | None] = (None,),
+) -> list[ExitRule]:
+    """Every (criterion, temperature, patience, students) combination, as rules at speed 0."""
+    combinations = [(c, t, p, s) for c in criteria for t in temperatures for p in patiences for s in students]
+    return [ExitRule(c, float(t), int(p), 0.0, s) for c, t, p, s in combinations]

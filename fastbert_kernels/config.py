@@ -4,37 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 from pathlib import Path
 from typing import Literal
 
-import torch
+from .exit_rule import ExitRule, check_speed
 
-from .ops.types import check_exit_rule
+__all__ = ["BRANCHES_FILE", "CONFIG_FILE", "FORMAT_VERSION", "FastBertConfig", "check_speed"]
 
 TeacherKind = Literal["model", "branch"]
 
 CONFIG_FILE = "fastbert_config.json"
 BRANCHES_FILE = "fastbert_branches.safetensors"
-FORMAT_VERSION = 1
-
-
-def check_speed(speed) -> float:
-    """``speed`` as a float: any real scalar (Python or numpy number, 0-dim tensor) in [0, 1];
-    otherwise a ``TypeError`` or ``ValueError`` that says what was wrong."""
-    if isinstance(speed, torch.Tensor):
-        if speed.dim() != 0 or speed.dtype.is_complex or speed.dtype == torch.bool:
-            raise TypeError(
-                f"speed must be a real scalar in [0, 1]; got a {speed.dtype} tensor of shape {tuple(speed.shape)}"
-            )
-        speed = speed.item()
-    if isinstance(speed, bool) or not isinstance(speed, numbers.Real):
-        raise TypeError(f"speed must be a real number in [0, 1], got {type(speed).__name__}")
-    speed = float(speed)
-    if math.isnan(speed) or not 0.0 <= speed <= 1.0:
-        raise ValueError(f"speed must be in [0, 1], got {speed}")
-    return speed
+FORMAT_VERSION = 2
+# Version 1 kept the exit rule as loose keys; they are read into one ExitRule (and named in the
+# error for code that still passes them).
+LOOSE_RULE_KEYS = {
+    "exit_criterion": "criterion",
+    "exit_temperature": "temperature",
+    "exit_patience": "patience",
+    "default_speed": "speed",
+}
 
 
 @dataclasses.dataclass
@@ -47,16 +36,10 @@ class FastBertConfig:
         teacher: ``"model"`` keeps the model's own classification head as the teacher (drop-in on a
             fine-tuned checkpoint, students after layers 1..L-1); ``"branch"`` adds the paper's branch
             after the last layer too and uses it as the teacher.
-        default_speed: speed used when a call passes none.
         trim_sequence: after each compaction, cut the sequence axis to the longest survivor.
-        exit_criterion: how a classifier's logits become the uncertainty compared with the speed,
-            one of :data:`fastbert_kernels.ops.EXIT_CRITERIA`: ``"entropy"`` (the paper's
-            normalised entropy), ``"max_prob"`` (1 - p_top1) or ``"margin"`` (1 - (p_top1 - p_top2)).
-        exit_temperature: the exit decision reads ``softmax(logits / T)``; the answers' logits are
-            never divided. Below 1 it sharpens many-class students whose entropy stays near 1.
-        exit_patience: a sample leaves after the k-th student in a row that was confident
-            (uncertainty below the speed) and agreed with the previous ones on the class; 1 is the
-            paper's rule, and with speed 1 every student counts as confident (PABEE's rule).
+        exit_rule: the :class:`~fastbert_kernels.ExitRule` a call uses when it passes no speed
+            (criterion, temperature, patience, speed, students evaluated); its speed is the
+            default speed. A call's ``speed`` replaces the speed only.
         students_trained: whether the students were distilled (set by
             :func:`fastbert_kernels.distill`, saved with the checkpoint). Students that never were
             answer at random, so the model warns at ``speed > 0`` and the command line refuses.
@@ -68,18 +51,15 @@ class FastBertConfig:
     branch_size: int = 128
     branch_heads: int = 2
     teacher: TeacherKind = "model"
-    default_speed: float = 0.0
     trim_sequence: bool = True
-    exit_criterion: str = "entropy"
-    exit_temperature: float = 1.0
-    exit_patience: int = 1
+    exit_rule: ExitRule = dataclasses.field(default_factory=ExitRule)
     students_trained: bool = False
     certificate: dict | None = None
 
     def __post_init__(self) -> None:
         if self.certificate is not None and not isinstance(self.certificate, dict):
             raise TypeError(f"certificate must be an object or null, got {self.certificate!r}")
-        for name, kind in (("branch_size", int), ("branch_heads", int), ("exit_patience", int)):
+        for name, kind in (("branch_size", int), ("branch_heads", int)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise TypeError(f"{name} must be an int, got {value!r}")
@@ -92,29 +72,34 @@ class FastBertConfig:
             raise ValueError(
                 f"branch_size ({self.branch_size}) must be a positive multiple of branch_heads ({self.branch_heads})"
             )
-        try:
-            self.default_speed = check_speed(self.default_speed)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"default_speed: {err}") from err
-        try:
-            check_exit_rule(self.exit_criterion, self.exit_temperature, self.exit_patience)
-        except (TypeError, ValueError) as err:  # the messages name the rule's parts, not the keys
-            raise type(err)(f"exit_criterion/exit_temperature/exit_patience: {err}") from err
-        self.exit_temperature = float(self.exit_temperature)
-
-    @property
-    def exit_rule(self) -> tuple[str, float, int]:
-        """``(criterion, temperature, patience)``, as the exit op takes them; checked again here,
-        since a config's fields may be set after it was made."""
-        check_exit_rule(self.exit_criterion, self.exit_temperature, self.exit_patience)
-        return self.exit_criterion, float(self.exit_temperature), self.exit_patience
+        if isinstance(self.exit_rule, dict):  # from JSON
+            try:
+                self.exit_rule = ExitRule.from_dict(self.exit_rule)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"exit_rule: {err}") from err
+        if not isinstance(self.exit_rule, ExitRule):
+            raise TypeError(f"exit_rule must be a fastbert_kernels.ExitRule, got {type(self.exit_rule).__name__}")
 
     def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        return {
+            "format_version": FORMAT_VERSION,
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            "exit_rule": self.exit_rule.as_dict(),
+        }
 
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / CONFIG_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_options(cls, **options) -> FastBertConfig:
+        """``FastBertConfig(**options)``, with an error that says what replaced the version-1
+        keyword options (``default_speed``, ``exit_criterion``, ...)."""
+        loose = sorted(set(options) & set(LOOSE_RULE_KEYS))
+        if loose:
+            rule = ", ".join(f"{LOOSE_RULE_KEYS[k]}=..." for k in loose)
+            raise TypeError(f"{', '.join(loose)} moved into the exit rule: pass exit_rule=fbk.ExitRule({rule})")
+        return cls(**options)
 
     @classmethod
     def load(cls, directory: str | Path) -> FastBertConfig:
@@ -128,11 +113,14 @@ class FastBertConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
-        version = data.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path} has format_version {version}, this package reads {FORMAT_VERSION}")
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        version = data.pop("format_version", None)
+        if version == 1:
+            rule = {new: data.pop(old) for old, new in LOOSE_RULE_KEYS.items() if old in data}
+            data["exit_rule"] = rule
+        elif version != FORMAT_VERSION:
+            raise ValueError(f"{path} has format_version {version}, this package reads 1 and {FORMAT_VERSION}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:

@@ -215,7 +215,7 @@ def _job_manifest(model, tokenizer, texts: list[str], settings: dict) -> dict:
         "corpus_sha256": _fingerprint(texts),
         **settings,
         "model_sha256": model_fingerprint(model),
-        "exit_rule": list(config.exit_rule),
+        "exit_rule": config.exit_rule.as_dict(),
         "trim_sequence": config.trim_sequence,
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
     }
@@ -335,7 +335,7 @@ def classify_corpus(
     texts = read_texts(corpus)
     if not texts:
         raise ValueError("the corpus is empty")
-    speed = check_speed(fastbert_config(model).default_speed if speed is None else speed)
+    speed = check_speed(fastbert_config(model).exit_rule.speed if speed is None else speed)
     check_students_trained(model, speed)
     shards = output.with_name(output.name + ".shards")
     settings = {"speed": speed, "batch_size": batch_size, "max_length": max_length, "shard_size": shard_size}

@@ -3,7 +3,8 @@
 The adaptive forward, per layer i = 1..L-1 (only while rows survive):
 
     hidden = layer_i(hidden, mask)                       # the surviving rows only
-    logits, u, exits = exit_head(hidden, mask, branch_i, speed)
+    if rule.evaluates(i): (else on to the next layer)
+    logits, u, exits = exit_head(hidden, mask, branch_i, rule)
     out[rows[exits]] = logits[exits]; exit_layer = i     # written straight to input positions
     hidden, mask, rows = compact(hidden, mask, rows, ~exits, trim)
 
@@ -24,8 +25,9 @@ from . import ops
 from .architectures import Architecture, architecture_for
 from .branch import BranchClassifier
 from .checkpoint import save_pretrained_with_branches
-from .config import FastBertConfig, check_speed
+from .config import FastBertConfig
 from .encoder import EncoderInputs, embed, layer_context, model_device, run_layers
+from .exit_rule import ExitRule, check_speed
 from .ops.reference import uncertainty, update_streak
 from .ops.sync_counter import host_read
 from .state import (
@@ -64,7 +66,7 @@ class FastBertOutput(ModelOutput):
         logits: ``[B, C]`` float32, in input order: the exiting student's or the teacher's.
         exit_layer: ``[B]`` int64, 1-based layer after which the sample left; L means the teacher.
         uncertainty: ``[B]`` float32, the answering classifier's uncertainty as the exit rule
-            measures it (``fastbert_config.exit_criterion`` of its logits / ``exit_temperature``).
+            measures it (the exit rule's criterion of its logits / temperature).
     """
 
     loss: torch.Tensor | None = None
@@ -92,9 +94,10 @@ def adaptive_forward(
     return_dict: bool | None = None,
     **kwargs,
 ) -> FastBertOutput | tuple:
-    """Batched FastBERT inference; the patched model's ``forward``. ``speed`` defaults to the
-    model's ``fastbert_config.default_speed``; speed 0 computes no branch and equals the unpatched
-    model. ``speed`` may also be a float tensor ``[B]``: one threshold per row (latency tiers in one
+    """Batched FastBERT inference; the patched model's ``forward``, under the model's
+    ``fastbert_config.exit_rule`` with ``speed`` (default: the rule's own) in place of its speed;
+    speed 0, or a rule with no students, computes no branch and equals the unpatched model.
+    ``speed`` may also be a float tensor ``[B]``: one threshold per row (latency tiers in one
     batch), carried through compaction with the rows. Shapes: inputs ``[B, S]``; outputs as in
     :class:`FastBertOutput`."""
     config = fastbert_config(self)
@@ -102,7 +105,8 @@ def adaptive_forward(
     if isinstance(speed, torch.Tensor) and speed.dim() == 1:
         # The largest speed is the one number that decides between the paths below.
         per_row, speed = check_row_speeds(speed, input_ids if input_ids is not None else inputs_embeds, self)
-    speed = check_speed(config.default_speed if speed is None else speed)
+    rule = config.exit_rule
+    speed = rule.speed if speed is None else check_speed(speed)
     if speed > 0 and not config.students_trained:  # the flag first: no cost on the hot path once trained
         check_students_trained(self, speed)
     for flag in ("output_attentions", "output_hidden_states"):
@@ -125,11 +129,14 @@ def adaptive_forward(
         )
     arch = architecture_for(self)
     layers = arch.layers(self)
+    rule.check_for(len(layers))
     inputs = embed(self, arch, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
-    if speed == 0.0:
-        out_logits, out_layer, out_uncertainty = _full_depth(self, arch, layers, inputs, config)
+    if speed == 0.0 or rule.students == ():
+        out_logits, out_layer, out_uncertainty = _full_depth(self, arch, layers, inputs, rule)
     else:
-        out_logits, out_layer, out_uncertainty = _adaptive(self, arch, layers, inputs, speed, per_row)
+        if speed != rule.speed:
+            rule = rule.replace(speed=speed)
+        out_logits, out_layer, out_uncertainty = _adaptive(self, arch, layers, inputs, rule, per_row)
     loss = None if labels is None else classification_loss(out_logits, labels, num_items_in_batch)
     output = FastBertOutput(loss=loss, logits=out_logits, exit_layer=out_layer, uncertainty=out_uncertainty)
     use_dict = self.config.return_dict if return_dict is None else return_dict
@@ -161,15 +168,14 @@ def classification_loss(
     return loss
 
 
-def _full_depth(model, arch: Architecture, layers, inputs: EncoderInputs, config: FastBertConfig):
+def _full_depth(model, arch: Architecture, layers, inputs: EncoderInputs, rule: ExitRule):
     """Speed 0: exactly the unpatched computation (no branch, no compaction, no bookkeeping)."""
     hidden, mask = inputs.hidden, inputs.mask
     context = layer_context(model, arch, hidden, mask, inputs.padded)
     hidden = run_layers(model, arch, layers, hidden, context)
     logits = teacher_logits(model, arch, hidden, mask)
     exit_layer = torch.full((hidden.shape[0],), len(layers), dtype=torch.int64, device=hidden.device)
-    criterion, temperature, _ = config.exit_rule
-    return logits.to(torch.float32), exit_layer, uncertainty(logits, criterion, temperature)
+    return logits.to(torch.float32), exit_layer, uncertainty(logits, rule.criterion, rule.temperature)
 
 
 def check_row_speeds(speed: torch.Tensor, inputs: torch.Tensor | None, model: nn.Module) -> tuple[torch.Tensor, float]:
@@ -192,9 +198,11 @@ def check_row_speeds(speed: torch.Tensor, inputs: torch.Tensor | None, model: nn
 
 
 def _adaptive(
-    model, arch: Architecture, layers, inputs: EncoderInputs, speed: float, per_row: torch.Tensor | None = None
+    model, arch: Architecture, layers, inputs: EncoderInputs, rule: ExitRule, per_row: torch.Tensor | None = None
 ):
-    """Layers with exits; returns logits ``[B, C]``, exit layer ``[B]`` and uncertainty ``[B]``.
+    """Layers with exits under ``rule``; returns logits ``[B, C]``, exit layer ``[B]`` and
+    uncertainty ``[B]``. A student outside ``rule.students`` is not run, and the rows' patience
+    streaks pass it unchanged (patience counts evaluated students).
     With ``per_row`` ``[B]``, row r is confident when its uncertainty is below ``per_row[r]``
     (looked up through the original-row map). With patience > 1 each row's streak state is
     compacted with it.
@@ -203,7 +211,7 @@ def _adaptive(
     compaction, for the survivors' count, length and padding); the mask is rebuilt from what
     compaction reports, without transformers' own padding check."""
     config = fastbert_config(model)
-    criterion, temperature, patience = config.exit_rule
+    criterion, temperature, patience = rule.criterion, rule.temperature, rule.patience
     hidden, mask = inputs.hidden, inputs.mask
     num_layers, batch, device = len(layers), hidden.shape[0], hidden.device
     num_labels = model.config.num_labels
@@ -223,9 +231,9 @@ def _adaptive(
         hidden = arch.run(model, index, layer, hidden, context)
         if index == num_layers - 1:
             break
-        logits, row_uncertainty, exits, new_streak = student_branches[index].exit_decision(
-            hidden, mask, speed, criterion, temperature, patience, streak
-        )
+        if not rule.evaluates(index + 1):
+            continue
+        logits, row_uncertainty, exits, new_streak = student_branches[index].exit_decision(hidden, mask, rule, streak)
         if per_row is not None:
             # new_streak[:, 0] is the op's prediction (0 for a non-finite row), whatever the speed.
             exits, new_streak = update_streak(new_streak[:, 0], row_uncertainty, per_row[rows], patience, streak)
@@ -256,7 +264,7 @@ def patch(model: nn.Module, config: FastBertConfig | None = None, **options) -> 
     Args:
         model: a supported Hugging Face classifier (``bert``, ``roberta``, ``xlm-roberta``).
         config: a :class:`FastBertConfig`; or pass its fields as keyword options, e.g.
-            ``patch(model, teacher="branch", default_speed=0.3)``.
+            ``patch(model, teacher="branch", exit_rule=fbk.ExitRule(speed=0.3))``.
     The model's own weights are untouched; :func:`unpatch` removes everything this adds.
     New branches are initialised as BERT initialises its weights; distil them before use.
     """
@@ -264,9 +272,10 @@ def patch(model: nn.Module, config: FastBertConfig | None = None, **options) -> 
         raise ValueError(f"{type(model).__name__} is already patched; call fastbert_kernels.unpatch(model) first")
     if config is not None and options:
         raise TypeError("pass either a FastBertConfig or keyword options, not both")
-    config = config or FastBertConfig(**options)
+    config = config or FastBertConfig.from_options(**options)
     arch = architecture_for(model)
     num_layers = len(arch.layers(model))
+    config.exit_rule.check_for(num_layers)
     if num_layers < 2 and config.teacher == "model":
         raise ValueError("a 1-layer model has no room for students; use teacher='branch' or a deeper model")
     reference = next(model.parameters())

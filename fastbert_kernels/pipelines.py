@@ -1,8 +1,9 @@
 """A Hugging Face text-classification pipeline that runs a patched model at a speed.
 
 A plain ``transformers.pipeline("text-classification", model=patched)`` runs at the model's
-``fastbert_config.default_speed`` (set it with ``fbk.patch(model, default_speed=0.5)`` or
-``fbk.fastbert_config(model).default_speed = 0.5``); it has no way to pass ``speed`` per call.
+exit rule's speed (``fbk.fastbert_config(model).exit_rule``, which :func:`fastbert_kernels.calibrate`
+writes; set one with ``fbk.patch(model, exit_rule=fbk.ExitRule(speed=0.5))``); it has no way to
+pass ``speed`` per call.
 :func:`pipeline` builds the same pipeline with a ``speed`` argument, per pipeline or per call, and
 adds each result's ``exit_layer``::
 
@@ -44,7 +45,7 @@ class FastBertTextClassificationPipeline(TextClassificationPipeline):
 
 def pipeline(model, tokenizer=None, speed: float | None = None, **kwargs) -> FastBertTextClassificationPipeline:
     """A text-classification pipeline over a patched model; ``speed`` (here or per call) defaults to
-    the model's ``default_speed``. Other keyword arguments go to ``transformers.pipeline``."""
+    the speed of the model's exit rule. Other keyword arguments go to ``transformers.pipeline``."""
     if not is_patched(model):
         raise ValueError(f"{type(model).__name__} is not patched; call fastbert_kernels.patch(model) first")
     if speed is not None:

@@ -241,7 +241,7 @@ class Engine:
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
             ids = self._encode(request)
-            speed = check_speed(fastbert_config(self.model).default_speed if speed is None else speed)
+            speed = check_speed(fastbert_config(self.model).exit_rule.speed if speed is None else speed)
             check_students_trained(self.model, speed, refuse=self.require_trained_students)
         except (TypeError, ValueError) as err:
             future.set_exception(err)
@@ -421,23 +421,25 @@ class Engine:
         self.stats.layer_calls[depth] += 1
         self.stats.layer_rows[depth] += len(rows)
         last = depth == len(self.layers) - 1
-        criterion, temperature, patience = fastbert_config(self.model).exit_rule
+        rule = fastbert_config(self.model).exit_rule
         streaks = None
         if last:
             logits = teacher_logits(self.model, self.arch, hidden, mask).float()
-            uncertainty = criterion_uncertainty(logits, criterion, temperature)
+            uncertainty = criterion_uncertainty(logits, rule.criterion, rule.temperature)
             exits = torch.ones(len(rows), dtype=torch.bool)
-        elif max(row.speed for row in rows) == 0.0:  # speed 0 computes no branch, as in the model
+        elif max(row.speed for row in rows) == 0.0 or not rule.evaluates(depth + 1):
+            # Speed 0 computes no branch, nor does a student the rule leaves out, as in the model
+            # (the rows' patience streaks pass it unchanged).
             logits = uncertainty = None
             exits = torch.zeros(len(rows), dtype=torch.bool)
         else:
             # The fused head measures the uncertainty; each row's own speed (and its patience
             # state, kept on the row) decides, exactly as the model's per-row speeds do.
             branch = branch_modules(self.model)[depth]
-            logits, uncertainty, _, state = branch.exit_decision(hidden, mask, 1.0, criterion, temperature)
+            logits, uncertainty, _, state = branch.exit_decision(hidden, mask, rule.replace(speed=1.0))
             speeds = torch.tensor([row.speed for row in rows], device=uncertainty.device)
             previous = torch.tensor([row.streak for row in rows], device=uncertainty.device)
-            exits, streaks = update_streak(state[:, 0], uncertainty, speeds, patience, previous)
+            exits, streaks = update_streak(state[:, 0], uncertainty, speeds, rule.patience, previous)
             streaks = streaks.tolist()
         if logits is not None:
             logits, uncertainty = logits.cpu(), uncertainty.cpu()

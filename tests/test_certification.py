@@ -11,7 +11,7 @@ import torch
 from helpers import spread_branches, tiny_model, word_tokenizer
 
 import fastbert_kernels as fbk
-from fastbert_kernels import certification
+from fastbert_kernels import certification, flops
 from fastbert_kernels.calibration import ExitProfile, FlopsTable
 
 
@@ -72,7 +72,7 @@ def _synthetic_profile(n: int, generator: torch.Generator, layers: int = 4, clas
         logits[torch.arange(n), i, prediction] = margin
     logits[torch.arange(n), -1, teacher] = 5.0
     lengths = torch.full((n,), 12)
-    return ExitProfile(logits, lengths, lengths.clone())
+    return ExitProfile.from_logits(logits, lengths)
 
 
 def _model():
@@ -81,7 +81,7 @@ def _model():
 
 
 def _disagreement(profile: ExitProfile, setting) -> float:
-    predictions = profile.predictions(setting.speed, setting.criterion, setting.temperature, setting.patience)
+    predictions = profile.predictions(setting.rule)
     return float((predictions != profile.prediction[:, -1]).float().mean())
 
 
@@ -142,7 +142,7 @@ def test_calibrate_label_free_on_texts_prints_and_saves_the_certificate(tmp_path
     assert certificate.risk == "disagreement" and certificate.samples == 400
     assert certificate.upper_bound <= 0.2 and "with probability >= 0.9" in str(certificate)
     config = fbk.fastbert_config(model)
-    assert config.certificate == certificate.as_dict() and config.default_speed == calibration.chosen.speed
+    assert config.certificate == certificate.as_dict() and config.exit_rule == calibration.rule
     fbk.save_pretrained(model, tmp_path / "c", tokenizer=word_tokenizer())
     loaded, _ = fbk.load_checkpoint(tmp_path / "c")
     assert fbk.fastbert_config(loaded).certificate == certificate.as_dict()
@@ -177,12 +177,79 @@ def test_calibrating_on_distilled_texts_warns():
         fbk.calibrate(model, texts, word_tokenizer(), max_disagreement=0.01)
 
 
-def test_flops_table_speedup_of_rows_matches_the_whole():
+def test_flops_table_counts_the_layers_and_the_students_each_sample_runs():
     model = fbk.patch(tiny_model("bert", layers=4))
+    c = model.config
     lengths = torch.randint(3, 30, (25,))
     table = FlopsTable(model, lengths)
     layers = torch.randint(1, 5, (25,))
-    assert table.speedup_of(layers, torch.arange(25)) == pytest.approx(table.speedup(layers))
+    for rule in (fbk.ExitRule(speed=0.5), fbk.ExitRule(speed=0.5, students=(2, 3)), fbk.ExitRule(speed=0.0)):
+        assert table.speedup(layers, rule, torch.arange(25)) == pytest.approx(table.speedup(layers, rule))
+        spent = 0.0
+        for e, s in zip(layers.tolist(), lengths.tolist(), strict=True):
+            spent += flops.adaptive_flops(
+                e, 4, c.hidden_size, c.intermediate_size, s, c.num_labels, with_branches=False
+            )
+            ran = [k for k in rule.student_layers(4) if k <= min(e, 3)] if rule.speed > 0 else []
+            spent += len(ran) * flops.branch_flops(c.hidden_size, s, c.num_labels, 128)
+        full = sum(flops.model_flops(4, c.hidden_size, c.intermediate_size, s, c.num_labels) for s in lengths.tolist())
+        assert table.speedup(layers, rule) == pytest.approx(full / spent)
+
+
+def test_profile_memory_does_not_grow_with_the_classes():
+    """The profile keeps argmax and uncertainties, never logits: 1,000 classes cost what 3 do."""
+    lengths = torch.full((50,), 7)
+    small = ExitProfile.from_logits(torch.randn(50, 4, 3), lengths)
+    large = ExitProfile.from_logits(torch.randn(50, 4, 1000), lengths)
+    assert small.nbytes == large.nbytes == 50 * 4 * (8 + 4 * 9) + 2 * 50 * 8
+    with pytest.raises(ValueError, match="did not measure entropy at T=2"):
+        large.uncertainty("entropy", 2.0)
+
+
+def test_unlabelled_texts_join_the_disagreement_bound():
+    """With labels and extra unlabelled samples, the disagreement route bounds on all of them and
+    the net-drop route on the labelled ones only; both certificates hold the counts they used."""
+    model = _model()
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    labelled, unlabelled = _synthetic_profile(400, generator), _synthetic_profile(1600, generator)
+    labels = labelled.prediction[:, -1].clone()
+    labels[:20] = (labels[:20] + 1) % 3  # the teacher is wrong on a few
+    families = dict(criteria=("max_prob",), temperatures=(1.0,), patiences=(1,), student_sets="all")
+    alone = fbk.calibrate(model, labelled, labels=labels, max_accuracy_drop=0.05, apply=False, **families)
+    both = fbk.calibrate(
+        model, labelled, labels=labels, unlabelled=unlabelled, max_accuracy_drop=0.05, apply=False, **families
+    )
+    # More samples for the disagreement route: a bound at least as tight, a rule at least as fast.
+    assert both.chosen.speedup >= alone.chosen.speedup - 1e-9
+    assert both.certificate.samples in (400, 2000)
+    if both.certificate.bound == "Clopper-Pearson":
+        assert both.certificate.samples == 2000
+    # Accuracy is reported on the labelled samples alone.
+    expected = float((labelled.predictions(both.rule) == labels).float().mean())
+    assert both.chosen.accuracy == pytest.approx(expected)
+    with pytest.raises(ValueError, match="certified disagreement bound only"):
+        fbk.calibrate(model, labelled, labels=labels, unlabelled=unlabelled, max_accuracy_drop=0.05, certified=False)
+
+
+def test_calibration_chooses_the_students_that_pay_for_themselves():
+    """Students that nobody can leave at (uninformative) are left out of the certified rule when a
+    set without them is faster, and the rule's speed-up counts only the students it runs."""
+    model = _model()
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n = 2000
+    profile = _synthetic_profile(n, generator)
+    # Student 1 is useless: uniform logits, so it is never confident and only costs.
+    logits = torch.zeros(n, 4, 3)
+    logits[torch.arange(n), -1, profile.prediction[:, -1]] = 5.0
+    for layer in (1, 2):
+        logits[torch.arange(n), layer, profile.prediction[:, -1]] = 6.0
+    uninformed = ExitProfile.from_logits(logits, profile.lengths)
+    found = fbk.calibrate(model, uninformed, max_disagreement=0.02, apply=False, temperatures=(1.0,))
+    assert found.rule.students is not None and 1 not in found.rule.students
+    table = FlopsTable(model, uninformed.lengths)
+    every = found.rule.replace(students=None)
+    assert found.chosen.speedup == pytest.approx(table.speedup(uninformed.exit_layers(found.rule), found.rule))
+    assert found.chosen.speedup > table.speedup(uninformed.exit_layers(every), every)
 
 
 def test_calibrate_command_certifies_and_saves(tmp_path, capsys):

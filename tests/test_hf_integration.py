@@ -41,7 +41,7 @@ def test_trainer_evaluate_predict_train(tmp_path):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
-    model = fbk.patch(tiny_model("bert"), default_speed=0.5)
+    model = fbk.patch(tiny_model("bert"), exit_rule=fbk.ExitRule(speed=0.5))
     spread_branches(model)
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_eval_batch_size=8, per_device_train_batch_size=8, max_steps=2,
@@ -68,7 +68,7 @@ def test_trainer_evaluate_predict_train(tmp_path):
         and set(exit_layer.tolist()) <= {1, 2, 3, 4}
     )
     # Training the teacher with Trainer runs at speed 0 (the default speed is for inference).
-    fbk.fastbert_config(model).default_speed = 0.0
+    fbk.fastbert_config(model).exit_rule = fbk.ExitRule(speed=0.0)
     trainer = Trainer(model=model, args=args, train_dataset=_Dataset())
     assert trainer.train().training_loss > 0
 
@@ -163,7 +163,7 @@ def test_pipeline_runs_at_a_speed_with_exit_layers():
     # A plain pipeline runs at the model's default speed.
     from transformers import pipeline
 
-    fbk.fastbert_config(model).default_speed = 0.5
+    fbk.fastbert_config(model).exit_rule = fbk.ExitRule(speed=0.5)
     plain = pipeline("text-classification", model=model, tokenizer=tokenizer)
     assert plain("w1 w2")[0]["label"] == single["label"]
     with pytest.raises(ValueError, match="speed"):

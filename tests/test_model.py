@@ -150,20 +150,21 @@ def test_each_sample_answers_as_if_alone(backend, device, kind, batch_size):
         assert len(set(out.exit_layer.tolist())) > 1, "the test needs a mix of exit layers to mean anything"
 
 
-@pytest.mark.parametrize("criterion,temperature,patience", [("max_prob", 0.5, 1), ("margin", 1.0, 2)])
-def test_each_sample_answers_as_if_alone_under_other_rules(backend, device, criterion, temperature, patience):
-    """With another criterion, a temperature and patience (the streak state compacted with the
-    rows), a batch still answers each row as that row alone, and a shuffle only shuffles."""
-    model = fbk.patch(
-        tiny_model("bert", layers=6, device=device),
-        exit_criterion=criterion,
-        exit_temperature=temperature,
-        exit_patience=patience,
-    )
+@pytest.mark.parametrize(
+    "criterion,temperature,patience,students",
+    [("max_prob", 0.5, 1, None), ("margin", 1.0, 2, None), ("entropy", 1.0, 1, (3, 4)), ("margin", 0.5, 2, (1, 3, 5))],
+)
+def test_each_sample_answers_as_if_alone_under_other_rules(backend, device, criterion, temperature, patience, students):
+    """With another criterion, a temperature, patience (the streak state compacted with the rows)
+    and a subset of the students, a batch still answers each row as that row alone, and a shuffle
+    only shuffles."""
+    rule = fbk.ExitRule(criterion, temperature, patience, students=students)
+    model = fbk.patch(tiny_model("bert", layers=6, device=device), exit_rule=rule)
     spread_branches(model)
     batch = random_batch(48, 29, device=device)
     order = torch.randperm(48, device=device)
-    u = exit_profile(model, [batch]).uncertainty(criterion, temperature)[:, :-1]
+    evaluated = [layer - 1 for layer in rule.student_layers(6)]
+    u = exit_profile(model, [batch]).uncertainty(criterion, temperature)[:, evaluated]
     speed = float(u.median())
     close = ((u - speed).abs().min(1).values < 1e-4).to(device)
     with torch.no_grad():
@@ -178,7 +179,7 @@ def test_each_sample_answers_as_if_alone_under_other_rules(backend, device, crit
 
 
 def test_default_speed_and_explicit_speed(backend, device):
-    model = fbk.patch(tiny_model("bert", device=device), default_speed=1.0)
+    model = fbk.patch(tiny_model("bert", device=device), exit_rule=fbk.ExitRule(speed=1.0))
     rig_student(model, 1, confident=True)
     batch = random_batch(4, 6, device=device)
     with torch.no_grad():
@@ -206,7 +207,8 @@ def test_unpatch_restores_exactly():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("teacher", ["model", "branch"])
 def test_save_load_round_trip(tmp_path, kind, teacher):
-    model = fbk.patch(tiny_model(kind), teacher=teacher, default_speed=0.4, exit_criterion="margin", exit_patience=2)
+    rule = fbk.ExitRule("margin", patience=2, speed=0.4, students=(1, 3))
+    model = fbk.patch(tiny_model(kind), teacher=teacher, exit_rule=rule)
     spread_branches(model)
     model.save_pretrained(tmp_path)
     loaded = fbk.from_pretrained(tmp_path)

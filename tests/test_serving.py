@@ -61,13 +61,16 @@ def test_answers_equal_running_each_request_alone(max_batch, policy, _seed):
     assert engine.stats.completed == len(requests)
 
 
-@pytest.mark.parametrize("criterion,temperature,patience", [("margin", 1.0, 2), ("max_prob", 0.5, 3)])
-def test_engine_follows_the_models_exit_rule(criterion, temperature, patience, _seed):
-    """Under another criterion, a temperature and patience (each request's state kept on it
-    between depths), each answer still equals running the request alone through the model."""
+@pytest.mark.parametrize(
+    "criterion,temperature,patience,students",
+    [("margin", 1.0, 2, None), ("max_prob", 0.5, 3, None), ("entropy", 1.0, 2, (1, 3))],
+)
+def test_engine_follows_the_models_exit_rule(criterion, temperature, patience, students, _seed):
+    """Under another criterion, a temperature, patience (each request's state kept on it between
+    depths) and a subset of the students, each answer still equals running the request alone
+    through the model."""
     model = _model()
-    config = fbk.fastbert_config(model)
-    config.exit_criterion, config.exit_temperature, config.exit_patience = criterion, temperature, patience
+    fbk.fastbert_config(model).exit_rule = fbk.ExitRule(criterion, temperature, patience, students=students)
     requests = _requests(24, _seed)
     speeds = [random.Random(_seed + i).choice([0.4, 0.7, 1.0]) for i in range(len(requests))]
     with Engine(model, max_batch=4) as engine:

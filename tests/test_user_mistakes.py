@@ -221,7 +221,7 @@ def test_resume_with_another_model_rule_or_tokenizer_is_refused(tmp_path, monkey
     if change == "model":
         model = _trained_model()
     elif change == "exit rule":
-        fbk.fastbert_config(model).exit_criterion = "margin"
+        fbk.fastbert_config(model).exit_rule = fbk.ExitRule("margin")
     else:
         tokenizer.add_tokens(["w9999"])
     with pytest.raises(ValueError, match="holds shards of another job"):
@@ -439,8 +439,10 @@ def test_module_entry_point_reports_errors_in_one_line(tmp_path):
         ("branch_size", "abc", "branch_size must be an int, got 'abc'"),
         ("branch_heads", 3, "branch_size (128) must be a positive multiple of branch_heads (3)"),
         ("teacher", "student", "teacher must be 'model' or 'branch'"),
-        ("default_speed", 2, "default_speed: speed must be in [0, 1]"),
-        ("exit_criterion", "top1", "exit_criterion/exit_temperature/exit_patience: unknown exit criterion 'top1'"),
+        ("exit_rule", {"speed": 2}, "exit_rule: speed must be in [0, 1]"),
+        ("exit_rule", {"criterion": "top1"}, "exit_rule: unknown exit criterion 'top1'"),
+        ("exit_rule", {"students": [0, 1]}, "exit_rule: students are numbered from layer 1"),
+        ("exit_rule", {"patience": 2, "sped": 1}, "exit_rule: unknown exit-rule keys ['sped']"),
         ("trim_sequence", "yes", "trim_sequence must be true or false"),
         ("sped", 0.5, "unknown keys ['sped']; known: "),
     ],
@@ -453,6 +455,17 @@ def test_config_errors_name_the_file_the_key_and_the_allowed_values(checkpoint, 
     with pytest.raises(ValueError) as info:
         fbk.load_checkpoint(checkpoint)
     assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_a_version_1_config_loads_into_one_exit_rule(checkpoint):
+    """Checkpoints saved before the exit rule was one value keep loading, with the same rule."""
+    path = checkpoint / CONFIG_FILE
+    data = json.loads(path.read_text())
+    del data["exit_rule"]
+    data.update(format_version=1, default_speed=0.3, exit_criterion="margin", exit_temperature=0.5, exit_patience=2)
+    path.write_text(json.dumps(data))
+    model, _ = fbk.load_checkpoint(checkpoint)
+    assert fbk.fastbert_config(model).exit_rule == fbk.ExitRule("margin", 0.5, 2, speed=0.3)
 
 
 def test_a_finished_job_leaves_only_its_output(tmp_path):

@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
 from ..batching import make_batches
-from ..calibration import ExitSetting, flops_speedup
 from ..encoder import embed, layer_context, run_layers
+from ..exit_rule import ExitRule
 from ..modeling import teacher_logits
+from ..profile import flops_speedup
 from ..state import fastbert_config, students
 
 Batch = dict[str, torch.Tensor]
@@ -51,31 +52,24 @@ def hf_predict(model, batches: list[Batch]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def exit_rule(model, setting: ExitSetting | None) -> Iterator[None]:
-    """Within the block the model decides by ``setting``'s criterion, temperature and patience
-    (None: its own); its config is restored after."""
+def exit_rule(model, rule: ExitRule) -> Iterator[None]:
+    """Within the block the model decides by ``rule``; its config's own rule is restored after."""
     config = fastbert_config(model)
     saved = config.exit_rule
-    if setting is not None:
-        config.exit_criterion, config.exit_temperature, config.exit_patience = (
-            setting.criterion,
-            setting.temperature,
-            setting.patience,
-        )
+    config.exit_rule = rule
     try:
         yield
     finally:
-        config.exit_criterion, config.exit_temperature, config.exit_patience = saved
+        config.exit_rule = saved
 
 
 @torch.no_grad()
-def fastbert_predict(
-    model, batches: list[Batch], speed: float, setting: ExitSetting | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fastbert_predict(model, batches: list[Batch], rule: ExitRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[N, C]`` and exit layers ``[N]`` of the patched model under ``rule``."""
     logits, layers = [], []
-    with exit_rule(model, setting):
+    with exit_rule(model, rule):
         for b in batches:
-            out = model(**b, speed=speed)
+            out = model(**b)
             logits.append(out.logits)
             layers.append(out.exit_layer)
     return torch.cat(logits), torch.cat(layers)
@@ -113,7 +107,7 @@ class BenchRow:
     ideal_speedup: float
     seconds: float
     baseline_seconds: float
-    rule: str = ""  # the exit rule of a fastbert or calibrated row: "criterion T=.. patience=.."
+    rule: str = ""  # the exit rule of a fastbert or calibrated row (ExitRule.describe())
 
     @property
     def wallclock_speedup(self) -> float:
@@ -138,10 +132,10 @@ def benchmark(
     static_depths: Sequence[int] = (),
     repeats: int = 3,
     progress: bool = True,
-    settings: Sequence[ExitSetting] = (),
+    rules: Sequence[ExitRule] = (),
 ) -> list[BenchRow]:
-    """Times the unpatched model, the patched model at each speed (its own exit rule) and at each
-    of ``settings`` (their rule and speed), and the static-depth baselines on the same tokenised
+    """Times the unpatched model, the patched model at each speed (its own exit rule) and under
+    each of ``rules`` (calibrated ones, say), and the static-depth baselines on the same tokenised
     batches. Each method runs ``repeats`` times, interleaved with the unpatched
     model, and the minimum of each is kept (the least-disturbed run), so that drifts in machine
     load hit both sides of every ratio."""
@@ -153,28 +147,27 @@ def benchmark(
     lengths = torch.cat([b["attention_mask"].sum(1).cpu() for b in batches])
     padded = torch.cat([torch.full((b["input_ids"].shape[0],), b["input_ids"].shape[1]) for b in batches])
 
-    methods: list[tuple[str, float, str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]] = []
+    # (method, speed or depth, the rule it runs, what to time)
+    methods: list[tuple[str, float, ExitRule | None, Callable[[], tuple[torch.Tensor, torch.Tensor]]]] = []
     full_depth = torch.full((len(texts),), num_layers)
-    methods.append(("huggingface", 0.0, "", lambda: (hf_predict(model, batches), full_depth)))
-    own = "{} T={:g} patience={}".format(*fastbert_config(model).exit_rule)
+    methods.append(("huggingface", 0.0, None, lambda: (hf_predict(model, batches), full_depth)))
+    own = fastbert_config(model).exit_rule
     for speed in speeds:
-        methods.append(("fastbert", speed, own, lambda s=speed: fastbert_predict(model, batches, s)))
-    for setting in settings:
-        rule = f"{setting.criterion} T={setting.temperature:g} patience={setting.patience}"
-        methods.append(
-            ("calibrated", setting.speed, rule, lambda x=setting: fastbert_predict(model, batches, x.speed, x))
-        )
+        rule = own.replace(speed=speed)
+        methods.append(("fastbert", speed, rule, lambda r=rule: fastbert_predict(model, batches, r)))
+    for rule in rules:
+        methods.append(("calibrated", rule.speed, rule, lambda r=rule: fastbert_predict(model, batches, r)))
     for depth in static_depths:
         methods.append(
             (
                 "static",
                 float(depth),
-                "",
+                None,
                 lambda d=depth: (static_depth_predict(model, batches, d), torch.full((len(texts),), d)),
             )
         )
 
-    fastbert_predict(model, batches[:1], max(speeds) if speeds else 0.0)  # warm-up: allocator, kernels
+    fastbert_predict(model, batches[:1], own.replace(speed=max(speeds, default=0.0)))  # warm-up: allocator, kernels
     hf_predict(model, batches[:1])
     best: dict[int, float] = {}
     baseline: list[float] = []
@@ -197,13 +190,13 @@ def benchmark(
         mean_layer = float(exit_layers.float().mean())
         if method == "static":  # k layers and one branch: counted as layer work only
             speedups = (num_layers / mean_layer, num_layers / mean_layer)
-        else:  # branches run only at speed > 0; the unpatched model runs none
-            with_branches = method in ("fastbert", "calibrated") and setting > 0
+        else:  # students run only at speed > 0 (the rule's); the unpatched model runs none
+            ran = rule or ExitRule(speed=0.0)
             # FLOPs speed-up: the paper's accounting at the real lengths. Ideal: the work this
             # implementation does (fused branch) at the padded length each batch runs at.
             speedups = (
-                flops_speedup(model, exit_layers, lengths, with_branches),
-                flops_speedup(model, exit_layers, padded, with_branches, fused=True),
+                flops_speedup(model, exit_layers, lengths, ran),
+                flops_speedup(model, exit_layers, padded, ran, fused=True),
             )
         rows.append(
             BenchRow(
@@ -217,7 +210,7 @@ def benchmark(
                 ideal_speedup=speedups[1],
                 seconds=best[index],
                 baseline_seconds=base,
-                rule=rule,
+                rule="" if rule is None else rule.describe(),
             )
         )
     return rows

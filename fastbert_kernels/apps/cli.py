@@ -72,7 +72,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     check_corpus_path(args.corpus)  # before the model loads: a wrong path fails in a second
     model, tokenizer = load_checkpoint(args.checkpoint)
-    speed = fastbert_config(model).default_speed if args.speed is None else args.speed
+    speed = fastbert_config(model).exit_rule.speed if args.speed is None else args.speed
     check_students_trained(model, speed, refuse=True)
     out = classify_corpus(
         model,
@@ -109,11 +109,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         delta=args.delta,
         max_length=args.max_length,
     )
-    chosen = calibration.chosen
-    print(
-        f"certified: {chosen.criterion}, T={chosen.temperature:g}, patience {chosen.patience}, "
-        f"speed {chosen.speed:.4f}\n{calibration.certificate}"
-    )
+    print(f"certified: {calibration.rule.describe()}\n{calibration.certificate}")
     fbk.save_pretrained(model, args.out, tokenizer=tokenizer)
     print(f"saved to {args.out} (the rule is the checkpoint's default)")
     return 0

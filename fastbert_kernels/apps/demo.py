@@ -227,11 +227,11 @@ def _plot_calibration(calibration: Calibration, path: Path, title: str, budget_d
     for criterion, best in calibration.best.items():
         if best is None:
             continue
-        curve = calibration.curves[(criterion, best.temperature, best.patience)]
+        curve = calibration.curves[best.rule.replace(speed=0.0)]
         ax.plot(
             [s.speedup for s in curve],
             [100 * s.accuracy for s in curve],
-            label=f"{criterion}, T={best.temperature:g}, patience {best.patience}",
+            label=f"{criterion}, T={best.rule.temperature:g}, patience {best.rule.patience}",
         )
         ax.plot([best.speedup], [100 * best.accuracy], "o", color=ax.lines[-1].get_color())
     budget = 100 * (calibration.teacher_accuracy - budget_drop)
@@ -243,8 +243,9 @@ def _plot_calibration(calibration: Calibration, path: Path, title: str, budget_d
 
 
 def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path, meta: dict) -> list[BenchRow]:
-    """Calibrates the exit rule on validation, then times the speed sweep, each criterion's
-    calibrated setting and the static baselines on test against the unpatched model."""
+    """Calibrates the exit rule on validation (certified and label-free; the point-estimate pick
+    per criterion beside it), then times the speed sweep, those rules and the static baselines on
+    test against the unpatched model."""
     device = next(model.parameters()).device
     validation = dataset.validation.head(args.max_test)
     profile = exit_profile(model, make_batches(tokenizer, validation.texts, BATCH_SIZE, args.max_length, device))
@@ -255,27 +256,32 @@ def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path,
         + " / ".join(f"{100 * a:.1f}%" for a in accuracies)
     )
     calibration = calibrate(
-        model, profile, labels=labels, max_accuracy_drop=args.max_accuracy_drop, certified=False, apply=False
+        model,
+        profile,
+        labels=labels,
+        max_accuracy_drop=args.max_accuracy_drop,
+        certified=False,
+        student_sets="all",
+        apply=False,
     )
     print(
         f"\ncalibrated on validation, uncertified (the fastest rule whose point estimate is within "
         f"{100 * args.max_accuracy_drop:g} point of the teacher):"
     )
     print(calibration.table())
-    try:  # label-free and certified, on the same held-out validation texts (neither train nor test)
-        certified = calibrate(model, profile, max_disagreement=args.max_accuracy_drop, apply=False)
-        chosen = certified.chosen
-        print(
-            f"\ncertified, label-free: {chosen.criterion}, T={chosen.temperature:g}, patience {chosen.patience}, "
-            f"speed {chosen.speed:.4f}: {certified.certificate}"
-        )
+    # The rule the demo keeps: label-free and certified, on the held-out validation texts (neither
+    # train nor test). Should nothing certify, the point-estimate pick stands in, and says so.
+    kept = calibration
+    try:
+        kept = calibrate(model, profile, max_disagreement=args.max_accuracy_drop, apply=False)
+        print(f"\ncertified, label-free: {kept.rule.describe()}\n{kept.certificate}")
     except ValueError as err:
-        print(f"\ncertified, label-free: {err}")
-    settings = [best for best in calibration.best.values() if best is not None]
+        print(f"\ncertified, label-free: {err}; keeping the uncertified pick")
+    rules = list(dict.fromkeys([kept.rule] + [best.rule for best in calibration.best.values() if best is not None]))
 
     test = dataset.test.head(args.max_test)
     depths = list(range(1, model.config.num_hidden_layers))
-    common = dict(max_length=args.max_length, settings=settings)
+    common = dict(max_length=args.max_length, rules=rules)
     rows = benchmark(
         model,
         tokenizer,
@@ -299,24 +305,19 @@ def evaluate(args: argparse.Namespace, model, tokenizer, dataset, out_dir: Path,
         **common,
     )
     _print_table(rows)
-    calibration.apply(model)
-    chosen = calibration.chosen
+    kept.apply(model)
+    chosen = kept.chosen
     on_test = next(
-        r
-        for r in rows
-        if r.method == "calibrated"
-        and r.batch_size == BATCH_SIZE
-        and r.setting == chosen.speed
-        and r.rule.startswith(chosen.criterion)
+        r for r in rows if r.method == "calibrated" and r.batch_size == BATCH_SIZE and r.rule == chosen.rule.describe()
     )
     print(
-        f"\nchosen: {chosen.criterion}, T={chosen.temperature:g}, patience {chosen.patience}, "
-        f"speed {chosen.speed:.4f}; "
+        f"\nkept: {chosen.rule.describe()}; "
         f"on test {100 * on_test.accuracy:.2f}% (unpatched {100 * rows[0].accuracy:.2f}%), "
         f"{on_test.wallclock_speedup:.2f}x wall-clock at batch {BATCH_SIZE} (ideal {on_test.ideal_speedup:.2f}x)"
     )
     summary = {
         "chosen": chosen.as_dict(),
+        "certificate": None if kept.certificate is None else kept.certificate.as_dict(),
         "teacher_accuracy": calibration.teacher_accuracy,
         "best_per_criterion": {c: (b.as_dict() if b else None) for c, b in calibration.best.items()},
         "classifier_accuracy": accuracies,

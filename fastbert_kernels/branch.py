@@ -12,6 +12,14 @@ from .ops.reference import exit_decision as reference_exit_decision
 from .ops.types import BranchWeights, ExitHeadOutput, FoldedWeights
 
 
+class BranchLinear(nn.Linear):
+    """An ``nn.Linear`` of a branch. Its own type so that whole-model int8 quantisation
+    (``torch.ao.quantization.quantize_dynamic``, which swaps modules whose type is exactly
+    ``nn.Linear``) quantises the encoder and leaves the students in float: the fused exit head
+    takes float weights, and a student costs a few percent of a layer, so int8 would save little
+    there and cost exit decisions."""
+
+
 class BranchClassifier(nn.Module):
     """tanh(Linear(H->R)) per token, a 2-head self-attention read at the CLS token, tanh(Linear(R->R)),
     Linear(R->C). See :func:`fastbert_kernels.ops.reference.branch_logits` for the formula.
@@ -26,11 +34,11 @@ class BranchClassifier(nn.Module):
         if branch_size % num_heads:
             raise ValueError(f"branch_size {branch_size} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.input_proj = nn.Linear(hidden_size, branch_size)
-        self.qkv = nn.Linear(branch_size, 3 * branch_size)
-        self.attn_out = nn.Linear(branch_size, branch_size)
-        self.pool = nn.Linear(branch_size, branch_size)
-        self.classifier = nn.Linear(branch_size, num_labels)
+        self.input_proj = BranchLinear(hidden_size, branch_size)
+        self.qkv = BranchLinear(branch_size, 3 * branch_size)
+        self.attn_out = BranchLinear(branch_size, branch_size)
+        self.pool = BranchLinear(branch_size, branch_size)
+        self.classifier = BranchLinear(branch_size, num_labels)
         # dtype -> (the parameters' identity, storage and version counters, their folding)
         self._folded: dict[torch.dtype, tuple[tuple, FoldedWeights]] = {}
 
@@ -45,13 +53,20 @@ class BranchClassifier(nn.Module):
         # Straight from the submodules' parameter dicts: Module.__getattr__ costs about a
         # microsecond a lookup, and this runs for every branch layer of every call.
         modules = self._modules
-        return BranchWeights(
-            *(
-                modules[module]._parameters[name]
-                for module in ("input_proj", "qkv", "attn_out", "pool", "classifier")
-                for name in ("weight", "bias")
+        try:
+            return BranchWeights(
+                *(
+                    modules[module]._parameters[name]
+                    for module in ("input_proj", "qkv", "attn_out", "pool", "classifier")
+                    for name in ("weight", "bias")
+                )
             )
-        )
+        except KeyError:
+            kinds = sorted({type(modules[m]).__name__ for m in ("input_proj", "qkv", "attn_out", "pool", "classifier")})
+            raise TypeError(
+                f"a FastBERT branch needs float Linear layers, but its layers are {', '.join(kinds)}; quantise "
+                "the encoder only (quantize_dynamic(model, {torch.nn.Linear}) leaves the branches alone)"
+            ) from None
 
     def folded_weights(self, dtype: torch.dtype) -> FoldedWeights:
         """The weights folded for the kernels (:meth:`BranchWeights.fold`), ``w_in`` in ``dtype``.

@@ -14,16 +14,24 @@ CALM (Schuster et al., 2022) with Learn-then-Test (Angelopoulos et al., 2021):
   minus the lower bound of the share ``b`` it wins, each at ``alpha / 2``. Both are exact for
   0/1 counts and adapt to small rates, where Hoeffding-type bounds on ``[-1, 1]`` are several
   times looser (:func:`empirical_bernstein_upper_bound` is kept for that comparison).
-* **Fixed-sequence testing.** Within a rule family (criterion, temperature, patience), the speeds
+* **Fixed-sequence testing.** Within a rule family (criterion, temperature, patience, students), the speeds
   of a fixed grid are tested from the most conservative to the most aggressive; each is certified
   while its bound is at most ``epsilon``, and the walk stops at the first failure. Every certified
   speed then has risk at most ``epsilon`` with probability ``1 - alpha`` (the tests are nested, so
-  no correction within a family is needed).
+  no correction within a family is needed). The walk is vectorised: one pass over the students
+  gives the exit layers at 128 speeds at once (:meth:`ExitProfile.exit_layers_at`).
+* **Students.** Which students run is part of the family: every student, or the students from
+  about 1/6, 1/3, 1/2, 2/3 or 5/6 of the depth on (:func:`student_sets`, fixed before any data is
+  seen). The ideal speed-up counts each evaluated student's cost, so a set that leaves out
+  students nobody exits at wins when it is faster.
 * **Across families**, ``delta`` is divided among them (Bonferroni, ``family_selection="split"``
   instead chooses the family on one half of the data and certifies it on the other at the full
   ``delta``); with labels and an accuracy-drop target, half of ``delta`` goes to each of the two
   routes (disagreement, which bounds the drop, and the drop itself), and the faster certified rule
   is kept.
+
+Unlabelled samples can join labelled ones (``labels`` -1): they count for the disagreement
+route only, which bounds the accuracy drop too, and tighten it.
 
 The guarantee holds for calibration and future data that are exchangeable (drawn from the same
 distribution, in no particular order); texts the students were distilled on agree with the teacher

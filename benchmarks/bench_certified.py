@@ -37,7 +37,7 @@ DEMO_CACHE = ROOT / ".cache" / "fastbert_demo"
 
 def risk_of(profile: ExitProfile, labels, rule: fbk.ExitRule, risk: str) -> float:
     early = profile.predictions(rule)
-    full = profile.prediction[:, -1]
+    full = profile.full_answers
     if risk == "disagreement":
         return float((early != full).float().mean())
     return float((full == labels).float().mean() - (early == labels).float().mean())
@@ -46,7 +46,7 @@ def risk_of(profile: ExitProfile, labels, rule: fbk.ExitRule, risk: str) -> floa
 def oracle(model, profile: ExitProfile, labels, risk: str, epsilon: float, families) -> float:
     """The largest ideal speed-up of any grid rule whose risk on ``profile`` is within epsilon."""
     table, best, speeds = FlopsTable(model, profile.lengths), 1.0, CERTIFY_SPEEDS
-    full = profile.prediction[:, -1]
+    full = profile.full_answers
     for family in families:
         layers = profile.exit_layers_at(family, speeds)  # [S, N]
         early = profile.prediction.gather(1, (layers - 1).T).T

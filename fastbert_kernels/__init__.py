@@ -23,6 +23,7 @@ from .corpus import classify_corpus
 from .exit_rule import ExitRule
 from .modeling import FastBertOutput, fastbert_config, is_patched, patch, students, unpatch
 from .pipelines import FastBertTextClassificationPipeline, pipeline
+from .quantization import quantize
 from .serialization import from_pretrained, load_checkpoint
 from .serving import Engine, EngineResult
 from .training import TrainHistory, TrainingOptions, distill, fine_tune, student_kl
@@ -57,6 +58,7 @@ __all__ = [
     "ops",
     "patch",
     "pipeline",
+    "quantize",
     "save_pretrained",
     "student_kl",
     "students",

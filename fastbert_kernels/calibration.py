@@ -337,7 +337,7 @@ def calibrate(
         return float((profile.predictions(rule)[:labelled_count] == labelled).float().mean())
 
     teacher_accuracy = (
-        math.nan if labelled is None else float((profile.prediction[:labelled_count, -1] == labelled).float().mean())
+        math.nan if labelled is None else float((profile.full_answers[:labelled_count] == labelled).float().mean())
     )
     best: dict[str, ExitSetting | None] = {}
     for criterion in criteria:
@@ -372,7 +372,7 @@ def _nothing_certifies(profile: ExitProfile, families: Sequence[ExitRule], epsil
     best_rate, needed = None, None
     for family in families:
         predictions = profile.predictions(family.replace(speed=CERTIFY_SPEEDS[0]))
-        rate = float((predictions != profile.prediction[:, -1]).float().mean())
+        rate = float((predictions != profile.full_answers).float().mean())
         count = required_samples(rate, epsilon, alpha)
         if count is not None and (needed is None or count < needed):
             best_rate, needed = rate, count
@@ -390,7 +390,7 @@ def _point_estimate_calibration(
     """The uncertified sweep: every family at every speed, the fastest (or most accurate) setting
     whose point estimate meets the target."""
     _check_target(max_accuracy_drop, min_speedup)
-    teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean())
+    teacher_accuracy = float((profile.full_answers == labels).float().mean())
     table = FlopsTable(model, profile.lengths)
     curves = {family: sweep(profile, labels, model, family, table=table) for family in families}
     best: dict[str, ExitSetting | None] = {}
@@ -427,7 +427,7 @@ def choose_speed(
     """
     _check_target(max_accuracy_drop, min_speedup)
     labels = check_labels(labels, profile)
-    teacher_accuracy = float((profile.prediction[:, -1] == labels).float().mean())
+    teacher_accuracy = float((profile.full_answers == labels).float().mean())
     table = sweep(profile, labels, model, rule, speeds or SPEED_GRID)
     if max_accuracy_drop is not None:
         ok = [row for row in table if row.accuracy >= teacher_accuracy - max_accuracy_drop]

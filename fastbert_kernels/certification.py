@@ -190,7 +190,7 @@ def _counts(profile, rows: torch.Tensor, labels: torch.Tensor | None, layers: to
     the disagreement only."""
     prediction = profile.prediction[rows]  # [R, L]
     early = prediction.gather(1, (layers - 1).T).T  # [S, R]
-    full = prediction[:, -1]
+    full = profile.full_answers[rows]
     disagree = (early != full).sum(1).tolist()
     if labels is None:
         return _Counts(disagree, None, None, len(rows), 0)

@@ -29,12 +29,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 
 def save_pretrained_with_branches(self: nn.Module, save_directory: str | Path, **kwargs) -> None:
-    """``model.save_pretrained`` of a patched model: the base checkpoint, then the branches."""
+    """``model.save_pretrained`` of a patched model: the base checkpoint, then the branches. An
+    int8 model (:func:`fastbert_kernels.quantize`) saves its float model's base weights, with its
+    own branches and config (which says ``quantization: "int8"``, so loading quantises again)."""
+    from .quantization import float_source
+
+    base = float_source(self) or self
     state_dict = kwargs.pop("state_dict", None)
-    state_dict = self.state_dict() if state_dict is None else state_dict
+    if state_dict is not None and base is not self:
+        raise ValueError("an int8 model saves its float model's weights: pass no state_dict")
+    state_dict = base.state_dict() if state_dict is None else state_dict
     prefix = BRANCHES_ATTR + "."
     base_state = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
-    type(self).save_pretrained(self, save_directory, state_dict=base_state, **kwargs)
+    type(base).save_pretrained(base, save_directory, state_dict=base_state, **kwargs)
     directory = Path(save_directory)
     fastbert_config(self).save(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in branch_modules(self).state_dict().items()}

@@ -45,6 +45,9 @@ class FastBertConfig:
             answer at random, so the model warns at ``speed > 0`` and the command line refuses.
         certificate: what :func:`fastbert_kernels.calibrate` certified for the rule above (risk,
             epsilon, delta, samples, bound), or None for a rule nobody certified.
+        quantization: None for a float encoder, ``"int8"`` for one that
+            :func:`fastbert_kernels.quantize` made (the checkpoint then holds the float weights
+            and loading quantises them again, so the certificate holds for what is served).
     :func:`fastbert_kernels.calibrate` chooses the exit rule and the speed on validation data.
     """
 
@@ -55,6 +58,7 @@ class FastBertConfig:
     exit_rule: ExitRule = dataclasses.field(default_factory=ExitRule)
     students_trained: bool = False
     certificate: dict | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.certificate is not None and not isinstance(self.certificate, dict):
@@ -66,6 +70,8 @@ class FastBertConfig:
         for name in ("trim_sequence", "students_trained"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be null or 'int8', got {self.quantization!r}")
         if self.teacher not in ("model", "branch"):
             raise ValueError(f"teacher must be 'model' or 'branch', got {self.teacher!r}")
         if self.branch_size <= 0 or self.branch_heads <= 0 or self.branch_size % self.branch_heads:

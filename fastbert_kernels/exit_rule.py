@@ -153,6 +153,8 @@ class ExitRule:
             students = "all students"
         elif not self.students:
             students = "no students"
+        elif len(self.students) == 1:
+            students = f"student {self.students[0]}"
         elif list(self.students) == list(range(self.students[0], self.students[-1] + 1)):
             students = f"students {self.students[0]}-{self.students[-1]}"
         else:

@@ -45,6 +45,9 @@ class ExitProfile:
         lengths: ``[N]`` real tokens per sample.
         padded: ``[N]`` the padded length of the batch each sample ran in.
         num_classes: C, the classifiers' width.
+        reference: ``[N]`` the answers every risk is measured against, when they are not the
+            teacher's (column L-1): an int8 model's float model's full-depth answers
+            (:mod:`fastbert_kernels.quantization`); None: the teacher's.
     """
 
     prediction: torch.Tensor
@@ -52,6 +55,12 @@ class ExitProfile:
     lengths: torch.Tensor
     padded: torch.Tensor
     num_classes: int
+    reference: torch.Tensor | None = None
+
+    @property
+    def full_answers(self) -> torch.Tensor:
+        """``[N]`` the answers the risks compare with: ``reference``, else the teacher's."""
+        return self.prediction[:, -1] if self.reference is None else self.reference
 
     @classmethod
     def from_logits(
@@ -88,12 +97,15 @@ class ExitProfile:
             raise ValueError("the profiles measured different (criterion, temperature) pairs")
         if any(p.num_classes != first.num_classes or p.num_layers != first.num_layers for p in profiles):
             raise ValueError("the profiles come from classifiers of different shapes")
+        if len({p.reference is None for p in profiles}) > 1:
+            raise ValueError("some profiles have reference answers and some do not")
         return cls(
             torch.cat([p.prediction for p in profiles]),
             {key: torch.cat([p.uncertainties[key] for p in profiles]) for key in first.uncertainties},
             torch.cat([p.lengths for p in profiles]),
             torch.cat([p.padded for p in profiles]),
             first.num_classes,
+            None if first.reference is None else torch.cat([p.reference for p in profiles]),
         )
 
     def subset(self, rows: torch.Tensor) -> ExitProfile:
@@ -104,6 +116,7 @@ class ExitProfile:
             self.lengths[rows],
             self.padded[rows],
             self.num_classes,
+            None if self.reference is None else self.reference[rows],
         )
 
     @property
@@ -189,8 +202,13 @@ def exit_profile(
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
 ) -> ExitProfile:
     """One full pass with every classifier evaluated (reference math), keeping per sample and
-    classifier the argmax and the uncertainty under each ``criteria`` x ``temperatures`` pair."""
+    classifier the argmax and the uncertainty under each ``criteria`` x ``temperatures`` pair. For
+    an int8 model (:func:`fastbert_kernels.quantize`) the float model's full-depth answers are the
+    ``reference``, so that every risk includes quantisation's own cost."""
+    from .quantization import float_source
+
     arch = architecture_for(model)
+    source = float_source(model)
     parts = []
     for b in batches:
         inputs = embed(model, arch, b["input_ids"], b.get("attention_mask"), b.get("token_type_ids"))
@@ -200,7 +218,10 @@ def exit_profile(
         logits = torch.stack(layer_logits, 1).cpu()
         lengths = inputs.mask.sum(1).cpu()
         padded = torch.full((inputs.mask.shape[0],), inputs.mask.shape[1])
-        parts.append(ExitProfile.from_logits(logits, lengths, padded, criteria, temperatures))
+        part = ExitProfile.from_logits(logits, lengths, padded, criteria, temperatures)
+        if source is not None:
+            part.reference = source(**b, speed=0.0).logits.argmax(-1).cpu()
+        parts.append(part)
     if not parts:
         raise ValueError("an exit profile needs at least one batch")
     return ExitProfile.concat(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -45,7 +46,9 @@ def load_branches(model: nn.Module, directory: str | Path) -> None:
 
 
 def from_pretrained(directory: str | Path, **kwargs) -> nn.Module:
-    """Loads a patched model saved with ``model.save_pretrained``; outputs are identical.
+    """Loads a patched model saved with ``model.save_pretrained``; outputs are identical. A
+    checkpoint whose config says ``quantization: "int8"`` is loaded in float and quantised again
+    (:func:`fastbert_kernels.quantize`, deterministic): the int8 model that was calibrated.
 
     Keyword arguments go to ``AutoModelForSequenceClassification.from_pretrained`` (e.g.
     ``attn_implementation``, ``dtype``). Loading is local: nothing is downloaded.
@@ -58,9 +61,13 @@ def from_pretrained(directory: str | Path, **kwargs) -> nn.Module:
     config = FastBertConfig.load(directory)
     kwargs.setdefault("local_files_only", True)
     model = AutoModelForSequenceClassification.from_pretrained(str(directory), **kwargs)
-    patch(model, config)
+    patch(model, dataclasses.replace(config, quantization=None))
     load_branches(model, directory)
     model.eval()
+    if config.quantization is not None:
+        from .quantization import quantize
+
+        model = quantize(model, config.quantization)
     return model
 
 

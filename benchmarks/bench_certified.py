@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"split": split}
         for risk in ("disagreement", "accuracy_drop"):
             row[f"oracle_{risk}"] = oracle(model, test, test_labels, risk, args.epsilon, families)
-            found = certified_on(model, calibration, cal_labels, test, test_labels, risk, args, **options)
-            row[f"certified_{risk}_speedup"], row[f"certified_{risk}_test_risk"], rule = found
+            certified = certified_on(model, calibration, cal_labels, test, test_labels, risk, args, **options)
+            row[f"certified_{risk}_speedup"], row[f"certified_{risk}_test_risk"], rule = certified
             row[f"certified_{risk}_rule"] = None if rule is None else rule.as_dict()
             for size in args.sizes:  # the same split, calibrated on its first `size` texts only
                 if size < len(calibration_rows):

@@ -15,7 +15,8 @@ def load_checkpoint(path: str | None):
     if path is not None:
         checkpoint = Path(path)
     else:
-        found = sorted(DEMO_CACHE.glob("rotten_tomatoes-*/fastbert"))
+        candidates = DEMO_CACHE.glob("rotten_tomatoes-fastbert-*")
+        found = sorted(p for p in candidates if (p / "fastbert_config.json").is_file())
         if not found:
             return None
         checkpoint = found[-1]

@@ -1,0 +1,143 @@
+"""Early exit on an int8 encoder against the static runtimes a CPU user would pick, in one run.
+
+    python benchmarks/bench_int8.py [--checkpoint DIR] [--threads 1 2] [--repeats 5]
+
+On the demo's distilled MiniLM on Rotten Tomatoes (``make demo``): the rules are certified
+label-free on the validation texts (disagreement with the *float* model at most each epsilon,
+delta 0.05), then every method runs on the same test texts, interleaved batch by batch in a rotating
+order (each repeat gives one ratio against unpatched fp32; the report gives the median):
+
+* ``unpatched fp32``: the Hugging Face model;
+* ``unpatched int8``: ``torch.ao.quantization.quantize_dynamic`` of it (nn.Linear to int8), the
+  one-line alternative;
+* ``patched fp32``: this package under its certified rule;
+* ``patched int8``: ``fbk.quantize(model, "int8")`` under the rule certified on it, against the
+  float model (the certificate includes quantisation's own cost);
+* ``patched int8, speed 0``: the int8 patched model with no exit (its cost against unpatched int8).
+Each row also gives test accuracy and disagreement with unpatched fp32. ONNX Runtime is not in
+this run (see the README). Results: benchmarks/results/int8.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from demo_checkpoint import load_checkpoint
+
+import fastbert_kernels as fbk
+from fastbert_kernels.apps.data import load_rotten_tomatoes
+from fastbert_kernels.batching import make_batches
+from fastbert_kernels.profile import exit_profile
+
+
+def interleaved(methods: dict[str, Callable], batches, repeats: int, baseline: str) -> dict[str, float]:
+    """Median over repeats of (baseline time / method time) over the same batches."""
+    names = list(methods)
+    ratios: dict[str, list[float]] = defaultdict(list)
+    with torch.no_grad():
+        for batch in batches[:3]:  # warm-up
+            for name in names:
+                methods[name](batch)
+        for _ in range(repeats):
+            totals = dict.fromkeys(names, 0.0)
+            for i, batch in enumerate(batches):
+                for name in names[i % len(names) :] + names[: i % len(names)]:
+                    begin = time.perf_counter()
+                    methods[name](batch)
+                    totals[name] += time.perf_counter() - begin
+            for name in names:
+                ratios[name].append(totals[baseline] / totals[name])
+    return {name: statistics.median(r) for name, r in ratios.items()}
+
+
+def _under(model, rule: fbk.ExitRule, batch) -> torch.Tensor:
+    fbk.fastbert_config(model).exit_rule = rule
+    return model(**batch).logits
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--texts", type=int, default=1024)
+    parser.add_argument("--batch1-texts", type=int, default=128)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.01, 0.06])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    loaded = load_checkpoint(args.checkpoint)
+    if loaded is None:
+        print("no checkpoint: run `make demo` first or pass --checkpoint", file=sys.stderr)
+        return 2
+    model, tokenizer, checkpoint = loaded
+    model.eval()
+    data = load_rotten_tomatoes()
+    cpu = torch.device("cpu")
+    unpatched = fbk.unpatch(copy.deepcopy(model)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unpatched_int8 = torch.ao.quantization.quantize_dynamic(unpatched, {torch.nn.Linear}, dtype=torch.qint8)
+    int8 = fbk.quantize(model, "int8")
+    validation = make_batches(tokenizer, data.validation.texts, 64, args.max_length, cpu)
+    profiles = {"patched fp32": exit_profile(model, validation), "patched int8": exit_profile(int8, validation)}
+    candidates = {"patched fp32": model, "patched int8": int8}
+    methods: dict[str, Callable] = {
+        "unpatched fp32": lambda b: unpatched(**b).logits,
+        "unpatched int8": lambda b: unpatched_int8(**b).logits,
+    }
+    result: dict = {"checkpoint": str(checkpoint), "rules": {}, "certificates": {}}
+    for epsilon in args.epsilons:
+        for name, candidate in candidates.items():
+            label = f"{name}, disagreement <= {epsilon:g}"
+            try:
+                found = fbk.calibrate(candidate, profiles[name], max_disagreement=epsilon, apply=False)
+            except ValueError as err:
+                print(f"{label}: {err}", flush=True)
+                result["rules"][label] = str(err)
+                continue
+            rule = found.rule
+            result["rules"][label], result["certificates"][label] = rule.as_dict(), found.certificate.as_dict()
+            print(f"{label}: {rule.describe()}\n  {found.certificate}", flush=True)
+            methods[label] = lambda b, m=candidate, r=rule: _under(m, r, b)
+    methods["patched int8, speed 0"] = lambda b: int8(**b, speed=0.0).logits
+    test = data.test.head(args.texts)
+    labels = torch.tensor(test.labels)
+    batches = make_batches(tokenizer, test.texts, 64, args.max_length, cpu)
+    with torch.no_grad():
+        answers = {name: torch.cat([fn(b) for b in batches]).argmax(-1) for name, fn in methods.items()}
+    reference = answers["unpatched fp32"]
+    result["accuracy"] = {name: float((a == labels).float().mean()) for name, a in answers.items()}
+    result["disagreement_with_unpatched_fp32"] = {
+        name: float((a != reference).float().mean()) for name, a in answers.items()
+    }
+    print(json.dumps({k: result[k] for k in ("accuracy", "disagreement_with_unpatched_fp32")}, indent=1), flush=True)
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for batch_size, count in ((64, args.texts), (1, args.batch1_texts)):
+                timed = make_batches(tokenizer, test.texts[:count], batch_size, args.max_length, cpu)
+                ratios = interleaved(methods, timed, args.repeats, "unpatched fp32")
+                key = f"threads_{threads}_batch_{batch_size}"
+                result[key] = ratios
+                print(key, json.dumps(ratios), flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "int8.json").write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

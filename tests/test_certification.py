@@ -134,7 +134,7 @@ def test_point_estimate_pick_is_over_budget_more_often_than_the_certified_one():
 
 
 def test_calibrate_label_free_on_texts_prints_and_saves_the_certificate(tmp_path):
-    model = fbk.patch(tiny_model("bert", layers=4))
+    model = _model()
     spread_branches(model, scale=4.0)
     texts = [" ".join(f"w{(i * 7 + j) % 90}" for j in range(1 + i % 9)) for i in range(400)]
     calibration = fbk.calibrate(model, texts, word_tokenizer(), max_disagreement=0.2, delta=0.1)
@@ -255,7 +255,7 @@ def test_calibration_chooses_the_students_that_pay_for_themselves():
 def test_calibrate_command_certifies_and_saves(tmp_path, capsys):
     from fastbert_kernels.apps.cli import main
 
-    model = fbk.patch(tiny_model("bert", layers=4))
+    model = _model()
     spread_branches(model, scale=4.0)
     fbk.save_pretrained(model, tmp_path / "in", tokenizer=word_tokenizer())
     texts = [" ".join(f"w{(i * 7 + j) % 90}" for j in range(1 + i % 9)) for i in range(400)]

@@ -14,8 +14,12 @@ order (each repeat gives one ratio against unpatched fp32; the report gives the 
 * ``patched int8``: ``fbk.quantize(model, "int8")`` under the rule certified on it, against the
   float model (the certificate includes quantisation's own cost);
 * ``patched int8, speed 0``: the int8 patched model with no exit (its cost against unpatched int8).
-Each row also gives test accuracy and disagreement with unpatched fp32. ONNX Runtime is not in
-this run (see the README). Results: benchmarks/results/int8.json.
+* with ``--onnx`` (the ``onnx`` extra: ``pip install -r requirements/onnx.txt``): ONNX Runtime
+  fp32 on the unpatched model exported with ``torch.onnx.export(dynamo=True)``, and ONNX
+  Runtime's own dynamic int8 quantisation of that graph (``onnxruntime.quantization``), with as
+  many intra-op threads as torch gets.
+Each row also gives test accuracy and disagreement with unpatched fp32. Results:
+benchmarks/results/int8.json.
 """
 
 from __future__ import annotations
@@ -65,6 +69,38 @@ def _under(model, rule: fbk.ExitRule, batch) -> torch.Tensor:
     return model(**batch).logits
 
 
+def onnx_sessions(unpatched, tokenizer, folder: Path, threads: list[int]) -> dict[str, dict[int, Callable]]:
+    """``{"onnxruntime fp32" | "onnxruntime int8": {threads: run(batch) -> logits}}``."""
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    example = dict(tokenizer(["an example", "a longer example text"], padding=True, return_tensors="pt"))
+    dims = {name: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for name in example}
+    fp32_path, int8_path = folder / "model.onnx", folder / "model.int8.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            unpatched, (), str(fp32_path), kwargs=example, input_names=list(example), output_names=["logits"],
+            dynamic_shapes=dims, dynamo=True, verbose=False,
+        )  # fmt: skip
+    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    runners: dict[str, dict[int, Callable]] = {"onnxruntime fp32": {}, "onnxruntime int8": {}}
+    for name, path in (("onnxruntime fp32", fp32_path), ("onnxruntime int8", int8_path)):
+        for count in threads:
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = count, 1
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            wanted = [i.name for i in session.get_inputs()]
+
+            def run(batch, session=session, wanted=wanted):
+                feeds = {k: batch[k].numpy() for k in wanted}
+                return torch.from_numpy(session.run(None, feeds)[0])
+
+            runners[name][count] = run
+    return runners
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None)
@@ -74,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.01, 0.06])
+    parser.add_argument("--onnx", action="store_true", help="add ONNX Runtime fp32 and int8 (the onnx extra)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     loaded = load_checkpoint(args.checkpoint)
@@ -115,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: {rule.describe()}\n  {found.certificate}", flush=True)
             methods[label] = lambda b, m=candidate, r=rule: _under(m, r, b)
     methods["patched int8, speed 0"] = lambda b: int8(**b, speed=0.0).logits
+    onnx = onnx_sessions(unpatched, tokenizer, Path(".cache/bench_int8"), args.threads) if args.onnx else {}
+    for name, by_threads in onnx.items():
+        methods[name] = by_threads[args.threads[0]]
     test = data.test.head(args.texts)
     labels = torch.tensor(test.labels)
     batches = make_batches(tokenizer, test.texts, 64, args.max_length, cpu)
@@ -130,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for threads in args.threads:
             torch.set_num_threads(threads)
+            with_threads = {**methods, **{name: by_threads[threads] for name, by_threads in onnx.items()}}
             for batch_size, count in ((64, args.texts), (1, args.batch1_texts)):
                 timed = make_batches(tokenizer, test.texts[:count], batch_size, args.max_length, cpu)
-                ratios = interleaved(methods, timed, args.repeats, "unpatched fp32")
+                ratios = interleaved(with_threads, timed, args.repeats, "unpatched fp32")
                 key = f"threads_{threads}_batch_{batch_size}"
                 result[key] = ratios
                 print(key, json.dumps(ratios), flush=True)

@@ -245,6 +245,18 @@ def test_distill_takes_series_and_arrays_but_not_one_string():
         fbk.distill(model, "a single review", tokenizer, progress=False)
 
 
+def test_export_at_speed_zero_equals_the_model():
+    """Speed 0 exports with torch.export (what torch.onnx.export(dynamo=True) builds on), and the
+    exported program answers as the model does."""
+    model = fbk.patch(tiny_model("bert")).eval()
+    batch = random_batch(3, 7)
+    exported = torch.export.export(model, args=(), kwargs={**batch, "speed": 0.0}, strict=False)
+    with torch.no_grad():
+        expected = model(**batch, speed=0.0).logits
+        got = exported.module()(**batch, speed=0.0)
+    torch.testing.assert_close(got["logits"] if isinstance(got, dict) else got.logits, expected)
+
+
 def test_export_at_speed_above_zero_fails_in_one_line():
     model = fbk.patch(tiny_model("bert"))
     batch = random_batch(2, 6)

@@ -27,41 +27,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 import warnings
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from demo_checkpoint import load_checkpoint
+from demo_checkpoint import require_checkpoint
+from interleaved import interleaved_ratios
 
 import fastbert_kernels as fbk
 from fastbert_kernels.apps.data import load_rotten_tomatoes
 from fastbert_kernels.batching import make_batches
 from fastbert_kernels.profile import exit_profile
-
-
-def interleaved(methods: dict[str, Callable], batches, repeats: int, baseline: str) -> dict[str, float]:
-    """Median over repeats of (baseline time / method time) over the same batches."""
-    names = list(methods)
-    ratios: dict[str, list[float]] = defaultdict(list)
-    with torch.no_grad():
-        for batch in batches[:3]:  # warm-up
-            for name in names:
-                methods[name](batch)
-        for _ in range(repeats):
-            totals = dict.fromkeys(names, 0.0)
-            for i, batch in enumerate(batches):
-                for name in names[i % len(names) :] + names[: i % len(names)]:
-                    begin = time.perf_counter()
-                    methods[name](batch)
-                    totals[name] += time.perf_counter() - begin
-            for name in names:
-                ratios[name].append(totals[baseline] / totals[name])
-    return {name: statistics.median(r) for name, r in ratios.items()}
 
 
 def _under(model, rule: fbk.ExitRule, batch) -> torch.Tensor:
@@ -113,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", action="store_true", help="add ONNX Runtime fp32 and int8 (the onnx extra)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    loaded = load_checkpoint(args.checkpoint)
-    if loaded is None:
-        print("no checkpoint: run `make demo` first or pass --checkpoint", file=sys.stderr)
-        return 2
-    model, tokenizer, checkpoint = loaded
+    model, tokenizer, checkpoint = require_checkpoint(args.checkpoint)
     model.eval()
     data = load_rotten_tomatoes()
     cpu = torch.device("cpu")
@@ -173,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             with_threads = {**methods, **{name: by_threads[threads] for name, by_threads in onnx.items()}}
             for batch_size, count in ((64, args.texts), (1, args.batch1_texts)):
                 timed = make_batches(tokenizer, test.texts[:count], batch_size, args.max_length, cpu)
-                ratios = interleaved(with_threads, timed, args.repeats, "unpatched fp32")
+                ratios = {
+                    name: r["median"]
+                    for name, r in interleaved_ratios(with_threads, timed, args.repeats, "unpatched fp32").items()
+                }
                 key = f"threads_{threads}_batch_{batch_size}"
                 result[key] = ratios
                 print(key, json.dumps(ratios), flush=True)

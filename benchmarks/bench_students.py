@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from demo_checkpoint import load_checkpoint
+from demo_checkpoint import require_checkpoint
+from interleaved import interleaved_ratios
 
 import fastbert_kernels as fbk
 from fastbert_kernels.apps.data import load_rotten_tomatoes
@@ -36,37 +34,17 @@ from fastbert_kernels.batching import make_batches
 from fastbert_kernels.profile import FlopsTable, exit_profile
 
 
-def interleaved(model, batches, rules: dict[str, fbk.ExitRule | None], repeats: int) -> dict:
-    """Median (and range) over repeats of unpatched time / method time; None is the unpatched model."""
-    forward = type(model).forward
-    config = fbk.fastbert_config(model)
+def under(model, rule: fbk.ExitRule | None):
+    """A method for :func:`interleaved_ratios`: the model under ``rule`` (None: unpatched)."""
+    if rule is None:
+        forward = type(model).forward
+        return lambda batch: forward(model, **batch)
 
-    def run(rule, batch):
-        if rule is None:
-            return forward(model, **batch)
-        config.exit_rule = rule
+    def run(batch):
+        fbk.fastbert_config(model).exit_rule = rule
         return model(**batch)
 
-    names = list(rules)
-    ratios: dict[str, list[float]] = defaultdict(list)
-    saved = config.exit_rule
-    try:
-        with torch.no_grad():
-            for batch in batches[:3]:  # warm-up
-                for name in names:
-                    run(rules[name], batch)
-            for _ in range(repeats):
-                totals = dict.fromkeys(names, 0.0)
-                for i, batch in enumerate(batches):
-                    for name in names[i % len(names) :] + names[: i % len(names)]:
-                        begin = time.perf_counter()
-                        run(rules[name], batch)
-                        totals[name] += time.perf_counter() - begin
-                for name in names:
-                    ratios[name].append(totals["unpatched"] / totals[name])
-    finally:
-        config.exit_rule = saved
-    return {name: {"median": statistics.median(r), "min": min(r), "max": max(r)} for name, r in ratios.items()}
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    loaded = load_checkpoint(args.checkpoint)
-    if loaded is None:
-        print("no checkpoint: run `make demo` first or pass --checkpoint", file=sys.stderr)
-        return 2
-    model, tokenizer, checkpoint = loaded
+    model, tokenizer, checkpoint = require_checkpoint(args.checkpoint)
     model.eval()
     data = load_rotten_tomatoes()
     device = torch.device("cpu")
@@ -108,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             "last student, nobody exits": quiet.replace(students=(layers - 1,)),
             "certified": certified.rule,
         }
-        ratios = interleaved(model, batches, rules, args.repeats)
+        saved = fbk.fastbert_config(model).exit_rule
+        try:
+            methods = {name: under(model, rule) for name, rule in rules.items()}
+            ratios = interleaved_ratios(methods, batches, args.repeats, "unpatched")
+        finally:
+            fbk.fastbert_config(model).exit_rule = saved
         test_profile = exit_profile(model, batches, temperatures=(certified.rule.temperature,))
         table = FlopsTable(model, test_profile.padded, fused=True)  # the work this implementation does
         ideal = table.speedup(test_profile.exit_layers(certified.rule), certified.rule)

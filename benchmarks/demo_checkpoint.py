@@ -22,3 +22,11 @@ def load_checkpoint(path: str | None):
         checkpoint = found[-1]
     model, tokenizer = fbk.load_checkpoint(checkpoint)
     return model, tokenizer, checkpoint
+
+
+def require_checkpoint(path: str | None):
+    """:func:`load_checkpoint`, or exit with a message (status 1) when there is none."""
+    loaded = load_checkpoint(path)
+    if loaded is None:
+        raise SystemExit("no checkpoint: run `make demo` first or pass --checkpoint")
+    return loaded

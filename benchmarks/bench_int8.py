@@ -17,7 +17,8 @@ order (each repeat gives one ratio against unpatched fp32; the report gives the 
 * with ``--onnx`` (the ``onnx`` extra: ``pip install -r requirements/onnx.txt``): ONNX Runtime
   fp32 on the unpatched model exported with ``torch.onnx.export(dynamo=True)``, and ONNX
   Runtime's own dynamic int8 quantisation of that graph (``onnxruntime.quantization``), with as
-  many intra-op threads as torch gets.
+  many intra-op threads as torch gets and thread spinning off (so that it does not slow the
+  methods interleaved with it).
 Each row also gives test accuracy and disagreement with unpatched fp32. Results:
 benchmarks/results/int8.json.
 """
@@ -68,6 +69,9 @@ def onnx_sessions(unpatched, tokenizer, folder: Path, threads: list[int]) -> dic
         for count in threads:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = count, 1
+            # ORT's workers spin after each run by default, which would steal the cores from the
+            # torch methods timed right after it in the interleaved loop (seen: batch-1 ratios of 5-13x).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             wanted = [i.name for i in session.get_inputs()]
 

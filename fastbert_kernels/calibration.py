@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import certification
+from .architectures import architecture_for
 from .batching import make_batches
 from .certification import Certificate
 from .encoder import model_device
@@ -113,8 +115,6 @@ class Calibration:
     def apply(self, model) -> None:
         """Writes the chosen rule and the certificate into the model's FastBERT config (saved
         with it)."""
-        from .architectures import architecture_for
-
         self.rule.check_for(len(architecture_for(model).layers(model)))
         config = fastbert_config(model)
         config.exit_rule = self.rule
@@ -219,12 +219,9 @@ def _warn_if_distilled_on(model, texts: list[str]) -> None:
 
 
 def _student_sets(model, student_sets) -> list[tuple[int, ...] | None]:
-    from .architectures import architecture_for
-    from .certification import student_sets as default_sets
-
     num_layers = len(architecture_for(model).layers(model))
     if student_sets == "auto":
-        return default_sets(num_layers)
+        return certification.student_sets(num_layers)
     if student_sets == "all":
         return [None]
     sets = [ExitRule(students=s).students for s in student_sets]
@@ -284,8 +281,6 @@ def calibrate(
     ``apply``, written with it into the model's config (saved with the checkpoint). Raises
     ``ValueError`` when nothing certifies, saying how many texts the best candidate would need.
     """
-    from . import certification
-
     targets = [t for t in (max_disagreement, max_accuracy_drop, min_speedup) if t is not None]
     if len(targets) != 1:
         raise ValueError("give exactly one of max_disagreement, max_accuracy_drop or min_speedup")
@@ -367,13 +362,11 @@ def calibrate(
 def _nothing_certifies(profile: ExitProfile, families: Sequence[ExitRule], epsilon: float, alpha: float) -> str:
     """The error when no speed certifies: for each family's gentlest exiting speed, its observed
     disagreement, and the fewest texts at which that rate would have certified."""
-    from .certification import CERTIFY_SPEEDS, required_samples
-
     best_rate, needed = None, None
     for family in families:
-        predictions = profile.predictions(family.replace(speed=CERTIFY_SPEEDS[0]))
+        predictions = profile.predictions(family.replace(speed=certification.CERTIFY_SPEEDS[0]))
         rate = float((predictions != profile.full_answers).float().mean())
-        count = required_samples(rate, epsilon, alpha)
+        count = certification.required_samples(rate, epsilon, alpha)
         if count is not None and (needed is None or count < needed):
             best_rate, needed = rate, count
     advice = (

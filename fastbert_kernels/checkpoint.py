@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import BRANCHES_FILE
+from .quantization import float_source
 from .state import BRANCHES_ATTR, branch_modules, fastbert_config
 
 # Where the branches file records the base weights it belongs to (see weights_fingerprint).
@@ -32,8 +33,6 @@ def save_pretrained_with_branches(self: nn.Module, save_directory: str | Path, *
     """``model.save_pretrained`` of a patched model: the base checkpoint, then the branches. An
     int8 model (:func:`fastbert_kernels.quantize`) saves its float model's base weights, with its
     own branches and config (which says ``quantization: "int8"``, so loading quantises again)."""
-    from .quantization import float_source
-
     base = float_source(self) or self
     state_dict = kwargs.pop("state_dict", None)
     if state_dict is not None and base is not self:

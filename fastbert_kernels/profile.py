@@ -26,6 +26,7 @@ from .exit_rule import ExitRule
 from .modeling import teacher_logits
 from .ops.reference import uncertainty as criterion_uncertainty
 from .ops.types import EXIT_CRITERIA
+from .quantization import float_source
 from .state import fastbert_config, students
 
 Batch = dict[str, torch.Tensor]
@@ -205,8 +206,6 @@ def exit_profile(
     classifier the argmax and the uncertainty under each ``criteria`` x ``temperatures`` pair. For
     an int8 model (:func:`fastbert_kernels.quantize`) the float model's full-depth answers are the
     ``reference``, so that every risk includes quantisation's own cost."""
-    from .quantization import float_source
-
     arch = architecture_for(model)
     source = float_source(model)
     parts = []

@@ -35,17 +35,12 @@ from pathlib import Path
 
 import torch
 from demo_checkpoint import require_checkpoint
-from interleaved import interleaved_ratios
+from interleaved import interleaved_ratios, under
 
 import fastbert_kernels as fbk
 from fastbert_kernels.apps.data import load_rotten_tomatoes
 from fastbert_kernels.batching import make_batches
 from fastbert_kernels.profile import exit_profile
-
-
-def _under(model, rule: fbk.ExitRule, batch) -> torch.Tensor:
-    fbk.fastbert_config(model).exit_rule = rule
-    return model(**batch).logits
 
 
 def onnx_sessions(unpatched, tokenizer, folder: Path, threads: list[int]) -> dict[str, dict[int, Callable]]:
@@ -128,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             rule = found.rule
             result["rules"][label], result["certificates"][label] = rule.as_dict(), found.certificate.as_dict()
             print(f"{label}: {rule.describe()}\n  {found.certificate}", flush=True)
-            methods[label] = lambda b, m=candidate, r=rule: _under(m, r, b)
+            run = under(candidate, rule)
+            methods[label] = lambda b, run=run: run(b).logits
     methods["patched int8, speed 0"] = lambda b: int8(**b, speed=0.0).logits
     onnx = onnx_sessions(unpatched, tokenizer, Path(".cache/bench_int8"), args.threads) if args.onnx else {}
     for name, by_threads in onnx.items():

@@ -26,25 +26,12 @@ from pathlib import Path
 
 import torch
 from demo_checkpoint import require_checkpoint
-from interleaved import interleaved_ratios
+from interleaved import interleaved_ratios, under
 
 import fastbert_kernels as fbk
 from fastbert_kernels.apps.data import load_rotten_tomatoes
 from fastbert_kernels.batching import make_batches
 from fastbert_kernels.profile import FlopsTable, exit_profile
-
-
-def under(model, rule: fbk.ExitRule | None):
-    """A method for :func:`interleaved_ratios`: the model under ``rule`` (None: unpatched)."""
-    if rule is None:
-        forward = type(model).forward
-        return lambda batch: forward(model, **batch)
-
-    def run(batch):
-        fbk.fastbert_config(model).exit_rule = rule
-        return model(**batch)
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,12 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             "last student, nobody exits": quiet.replace(students=(layers - 1,)),
             "certified": certified.rule,
         }
-        saved = fbk.fastbert_config(model).exit_rule
-        try:
-            methods = {name: under(model, rule) for name, rule in rules.items()}
-            ratios = interleaved_ratios(methods, batches, args.repeats, "unpatched")
-        finally:
-            fbk.fastbert_config(model).exit_rule = saved
+        methods = {name: under(model, rule) for name, rule in rules.items()}
+        ratios = interleaved_ratios(methods, batches, args.repeats, "unpatched")
         test_profile = exit_profile(model, batches, temperatures=(certified.rule.temperature,))
         table = FlopsTable(model, test_profile.padded, fused=True)  # the work this implementation does
         ideal = table.speedup(test_profile.exit_layers(certified.rule), certified.rule)

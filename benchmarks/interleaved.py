@@ -15,6 +15,23 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastbert_kernels.apps.benchmarking import exit_rule
+from fastbert_kernels.exit_rule import ExitRule
+
+
+def under(model, rule: ExitRule | None) -> Callable[[dict], object]:
+    """A method for :func:`interleaved_ratios`: the patched ``model`` deciding by ``rule`` (its
+    config's own rule restored after each call), or with None the unpatched forward."""
+    if rule is None:
+        forward = type(model).forward
+        return lambda batch: forward(model, **batch)
+
+    def run(batch):
+        with exit_rule(model, rule):
+            return model(**batch)
+
+    return run
+
 
 def interleaved_ratios(
     methods: dict[str, Callable[[dict], object]], batches: Sequence[dict], repeats: int, baseline: str

@@ -224,12 +224,12 @@ def _student_sets(model, student_sets) -> list[tuple[int, ...] | None]:
         return certification.student_sets(num_layers)
     if student_sets == "all":
         return [None]
-    sets = [ExitRule(students=s).students for s in student_sets]
-    for s in sets:
-        ExitRule(students=s).check_for(num_layers)
-    if not sets:
+    rules = [ExitRule(students=s) for s in student_sets]  # each set checked as a rule's would be
+    if not rules:
         raise ValueError("student_sets must name at least one set of students")
-    return sets
+    for rule in rules:
+        rule.check_for(num_layers)
+    return [rule.students for rule in rules]
 
 
 def calibrate(

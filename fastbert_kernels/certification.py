@@ -236,6 +236,16 @@ def _chunks(speeds: Sequence[float]):
         yield speeds[start : start + _CHUNK]
 
 
+def _walk(profile, rows, labels, family: ExitRule):
+    """``(speed, exit layers [len(rows)], counts, i)`` for each speed of :data:`CERTIFY_SPEEDS` in
+    order, computed a chunk at a time and only as far as the caller reads."""
+    for speeds in _chunks(CERTIFY_SPEEDS):
+        layers = profile.exit_layers_at(family, speeds, rows)
+        counts = _counts(profile, rows, labels, layers)
+        for i, speed in enumerate(speeds):
+            yield speed, layers[i], counts, i
+
+
 def fixed_sequence(
     profile, table, rows, labels, family: ExitRule, risk: str, epsilon: float, alpha: float
 ) -> Certified | None:
@@ -243,18 +253,12 @@ def fixed_sequence(
     testing certifies on ``rows``: tested in :data:`CERTIFY_SPEEDS` order, stopping at the first
     failure; None if the first fails. Exits only grow with the speed, so the most aggressive
     certified speed is also the fastest."""
-    found = None  # (speed, estimate, bound, samples, that chunk's layers row)
-    for speeds in _chunks(CERTIFY_SPEEDS):
-        layers = profile.exit_layers_at(family, speeds, rows)
-        counts = _counts(profile, rows, labels, layers)
-        for i, speed in enumerate(speeds):
-            estimate, upper, n = _bound(counts, i, risk, alpha)
-            if upper > epsilon:
-                break
-            found = (speed, estimate, upper, n, layers[i])
-        else:
-            continue
-        break
+    found = None  # (speed, estimate, bound, samples, exit layers)
+    for speed, exit_layers, counts, i in _walk(profile, rows, labels, family):
+        estimate, upper, n = _bound(counts, i, risk, alpha)
+        if upper > epsilon:
+            break
+        found = (speed, estimate, upper, n, exit_layers)
     if found is None:
         return None
     speed, estimate, upper, n, exit_layers = found

@@ -33,7 +33,8 @@ def save_pretrained_with_branches(self: nn.Module, save_directory: str | Path, *
     """``model.save_pretrained`` of a patched model: the base checkpoint, then the branches. An
     int8 model (:func:`fastbert_kernels.quantize`) saves its float model's base weights, with its
     own branches and config (which says ``quantization: "int8"``, so loading quantises again)."""
-    base = float_source(self) or self
+    source = float_source(self)
+    base = self if source is None else source
     state_dict = kwargs.pop("state_dict", None)
     if state_dict is not None and base is not self:
         raise ValueError("an int8 model saves its float model's weights: pass no state_dict")

@@ -256,10 +256,8 @@ class FlopsTable:
         self.branch = torch.tensor(branch, dtype=torch.float64)
 
     def students_run(self, exit_layers: torch.Tensor, rule: ExitRule) -> torch.Tensor:
-        """How many students each sample runs when it leaves after ``exit_layers`` (any shape)
-        under ``rule``: its students at layers <= min(exit layer, L-1); none at speed 0."""
-        if rule.speed == 0:
-            return torch.zeros_like(exit_layers)
+        """How many of ``rule``'s students a sample passes when it leaves after ``exit_layers``
+        (any shape): those at layers <= min(exit layer, L-1), whatever the speed."""
         ran = torch.cumsum(rule.student_mask(self.num_layers).long(), 0)  # [L-1]
         return ran[(exit_layers.clamp(max=self.num_layers - 1) - 1)]
 
@@ -276,8 +274,7 @@ class FlopsTable:
         layers, branch, full = self.layers, self.branch, self.full
         if rows is not None:
             layers, branch, full = layers[:, rows], branch[rows], full[rows]
-        ran = self.students_run(exit_layers, family.replace(speed=1.0))
-        ran = ran * (torch.tensor(list(speeds)) > 0)[:, None]  # speed 0 runs no student
+        ran = self.students_run(exit_layers, family) * (torch.tensor(list(speeds)) > 0)[:, None]  # speed 0: none
         spent = layers.gather(0, exit_layers - 1).sum(1) + (branch * ran).sum(1)
         return full.sum() / spent
 

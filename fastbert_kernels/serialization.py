@@ -12,6 +12,7 @@ from torch import nn
 from .checkpoint import FINGERPRINT_KEY, TOKENIZER_FILES, model_weight_files, weights_fingerprint
 from .config import BRANCHES_FILE, CONFIG_FILE, FastBertConfig
 from .modeling import patch
+from .quantization import quantize
 from .state import branch_modules
 
 
@@ -65,8 +66,6 @@ def from_pretrained(directory: str | Path, **kwargs) -> nn.Module:
     load_branches(model, directory)
     model.eval()
     if config.quantization is not None:
-        from .quantization import quantize
-
         model = quantize(model, config.quantization)
     return model
 

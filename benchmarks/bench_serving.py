@@ -3,10 +3,13 @@ the patched model behind the same batcher (compaction; answers when the batch en
 depth-pooled engine (:class:`fastbert_kernels.serving.Engine`), at the same speed, in one run.
 
     python benchmarks/bench_serving.py [--requests 300] [--speed 0.8] [--loads 0.25 0.5 0.75 1.0]
+        [--engine-waits-ms 25 50 100 250]
 
 Arrivals are a seeded Poisson process; the load levels are fractions of (b)'s saturation
 throughput, measured first with every request queued at once (closed loop). Per system and load:
-throughput, p50/p99 latency (submit to answer), and the mean rows per layer call. The checkpoint
+throughput, p50/p99 latency (submit to answer), and the mean rows per layer call. Then, at 75%
+load, the engine's policies and its aging bound ``max_wait`` swept over ``--engine-waits-ms``
+(3 seeds each). The checkpoint
 defaults to the demo's distilled MiniLM on Rotten Tomatoes (run ``make demo`` first).
 """
 
@@ -213,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--seeds", type=int, default=3, help="arrival sequences per load level (medians reported)")
+    parser.add_argument("--engine-waits-ms", type=float, nargs="*", default=[25.0, 50.0, 100.0, 250.0],
+                        help="the engine's aging bounds to sweep at 75%% load")  # fmt: skip
+    parser.add_argument("--only-engine-sweep", action="store_true", help="measure (b)'s saturation and the sweep only")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     loaded = load_checkpoint(args.checkpoint)
@@ -226,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = model.config.num_hidden_layers
     wait = args.max_wait_ms / 1e3
 
-    def engine_system(policy: str):
-        c = Engine(model, max_batch=args.max_batch, policy=policy)
+    def engine_system(policy: str, max_wait: float | None = None):
+        options = {} if max_wait is None else {"max_wait": max_wait}
+        c = Engine(model, max_batch=args.max_batch, policy=policy, **options)
         return (
             lambda ids: c.submit(ids, speed=args.speed),
             c.close,
@@ -248,12 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     saturation = {}
     for name, (submit, close, fill) in systems().items():
+        if args.only_engine_sweep and name != "b_patched_batcher":
+            continue
         stats = drive(submit, requests, None, 0)
         close()
         saturation[name] = stats["throughput_per_s"]
         rows.append({"system": name, "load": "saturation", **stats, "rows_per_layer_call": fill()})
         print(rows[-1], flush=True)
-    for load in args.loads:
+    for load in [] if args.only_engine_sweep else args.loads:
         rate = load * saturation["b_patched_batcher"]
         for seed in range(args.seeds):
             for name, (submit, close, fill) in systems().items():
@@ -262,15 +271,18 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"system": name, "load": load, "seed": seed, "rate_per_s": rate, **stats,
                              "rows_per_layer_call": fill()})  # fmt: skip
                 print(rows[-1], flush=True)
-    # The engine's other policies, at 75% of (b)'s saturation.
-    for policy in ("deepest", "oldest"):
-        submit, close, fill = engine_system(policy)
-        rate = 0.75 * saturation["b_patched_batcher"]
-        stats = drive(submit, requests, rate, 0)
-        close()
-        rows.append({"system": f"c_engine_{policy}", "load": 0.75, "seed": 0, "rate_per_s": rate, **stats,
-                     "rows_per_layer_call": fill()})  # fmt: skip
-        print(rows[-1], flush=True)
+    # The engine's other policies and aging bounds, at 75% of (b)'s saturation.
+    variants = [(f"c_engine_{policy}", policy, None) for policy in ("deepest", "oldest")]
+    variants += [(f"c_engine_wait{ms:g}ms", "fullest", ms / 1e3) for ms in args.engine_waits_ms]
+    rate = 0.75 * saturation["b_patched_batcher"]
+    for seed in range(args.seeds):
+        for name, policy, max_wait in variants:
+            submit, close, fill = engine_system(policy, max_wait)
+            stats = drive(submit, requests, rate, seed)
+            close()
+            rows.append({"system": name, "load": 0.75, "seed": seed, "rate_per_s": rate, **stats,
+                         "rows_per_layer_call": fill()})  # fmt: skip
+            print(rows[-1], flush=True)
     with torch.no_grad():
         exit_layers = []
         for i in range(0, len(requests), args.max_batch):
@@ -282,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(checkpoint), "speed": args.speed, "max_batch": args.max_batch,
               "threads": torch.get_num_threads(), "rows": rows, "gpu_projection_simulated": projection}  # fmt: skip
-    (out / "serving.json").write_text(json.dumps(result, indent=1))
     summary = summarize(rows)
-    (out / "serving.json").write_text(json.dumps({**result, "summary": summary}, indent=1))
+    name = "serving_sweep.json" if args.only_engine_sweep else "serving.json"
+    (out / name).write_text(json.dumps({**result, "summary": summary}, indent=1))
     for line in summary:
         print(line)
-    plot(summary, out / "serving_latency.png", args)
+    if not args.only_engine_sweep:
+        plot(summary, out / "serving_latency.png", args)
     return 0
 
 

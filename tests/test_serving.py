@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import random
 import threading
 import time
@@ -14,11 +13,17 @@ import time
 import pytest
 import torch
 from helpers import VOCAB, layers_wait_for, spread_branches, tiny_model
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import fastbert_kernels as fbk
-from fastbert_kernels.serving import Engine, EngineClosedError, EngineFullError, _pick_depth, _Row
+from fastbert_kernels.serving import (
+    Engine,
+    EngineClosedError,
+    EngineFullError,
+    InputTooLongError,
+    _group_by_length,
+    _pick_depth,
+    _Row,
+)
 
 
 def _model():
@@ -120,7 +125,7 @@ def test_bad_requests_fail_alone():
         empty.result()
     with pytest.raises(ValueError, match="position limit"):
         too_long.result()
-    with pytest.raises(TypeError, match="a request is a text or a sequence of token ids"):
+    with pytest.raises(TypeError, match=r"a request is a text, a \(text, text_pair\) tuple or a sequence of token ids"):
         wrong_type.result()
     with pytest.raises(ValueError, match="speed"):
         bad_speed.result()
@@ -222,20 +227,27 @@ def test_text_requests_with_a_tokenizer():
 
 def test_policy_serves_the_fullest_depth_and_never_starves():
     future = concurrent.futures.Future()
+    now = 100.0
 
-    def rows(count: int, waited: int = 0) -> list[_Row]:
-        return [_Row(future, torch.zeros(1, 1), 0.5, None, serial=i, waited=waited) for i in range(count)]
+    def rows(count: int, age: float = 0.0, first: int = 0) -> list[_Row]:
+        return [_Row(future, torch.zeros(1, 1), 0.5, None, serial=first + i, submitted=now - age) for i in range(count)]
 
-    assert _pick_depth([rows(3), rows(5), rows(1)], max_wait_steps=16) == 1
-    assert _pick_depth([rows(2), rows(2), []], max_wait_steps=16) == 1  # ties go deeper
-    assert _pick_depth([rows(3), rows(5), rows(1)], 16, "deepest") == 2
-    oldest_first = [rows(3), [_Row(future, torch.zeros(1, 1), 0.5, None, serial=-1)], rows(1)]
-    assert _pick_depth(oldest_first, 16, "oldest") == 1
-    # A row that waited max_wait_steps is served first, however full the other depths are.
+    assert _pick_depth([rows(3), rows(5), rows(1)], now, 1.0) == 1
+    assert _pick_depth([rows(2), rows(2), []], now, 1.0) == 1  # ties go deeper
+    assert _pick_depth([rows(3), rows(5), rows(1)], now, 1.0, "deepest") == 2
+    oldest_first = [rows(3), rows(1, first=-1), rows(1)]
+    assert _pick_depth(oldest_first, now, 1.0, "oldest") == 1
+    # A request older than max_wait (seconds since submit) is served first, however full the
+    # other depths are; among overdue requests, the oldest submitted.
     for policy in ("fullest", "deepest", "oldest"):
-        assert _pick_depth([rows(1, waited=16), rows(50), []], 16, policy) == 0
+        assert _pick_depth([rows(1, age=1.5, first=-5), rows(50), []], now, 1.0, policy) == 0
+        assert _pick_depth([rows(1, age=1.5, first=-5), rows(1, age=2.0, first=-9), []], now, 1.0, policy) == 1
     with pytest.raises(ValueError, match="policy"):
         Engine(_model(), policy="random")
+    with pytest.raises(ValueError, match="max_wait"):
+        Engine(_model(), max_wait=0)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        Engine(_model(), max_batch_tokens=4, max_length=16)
 
 
 def test_batches_fill_under_load(_seed):
@@ -253,171 +265,107 @@ def test_batches_fill_under_load(_seed):
     assert sum(engine.stats.layer_rows) == 64 * 4
 
 
-# ---- HTTP (the serve extra), on the loopback interface only -------------------------------------
+# ---- token budget, sentence pairs, truncation, abort, observer -----------------------------------
 
 
-@pytest.fixture
-def http_server():
-    pytest.importorskip("starlette")
-    uvicorn = pytest.importorskip("uvicorn")
-    import socket
+class _Recorder:
+    """An EngineObserver that keeps what it is told."""
 
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+        self.answers: list[tuple[int, float, float]] = []
+        self.failures = 0
+
+    def layer_call(self, layer: int, rows: int, tokens: int) -> None:
+        self.calls.append((layer, rows, tokens))
+
+    def answered(self, exit_layer: int, latency: float, queued: float) -> None:
+        self.answers.append((exit_layer, latency, queued))
+
+    def failed(self) -> None:
+        self.failures += 1
+
+
+def test_layer_calls_stay_within_the_token_budget(_seed):
+    """Rows x padded length never exceeds max_batch_tokens, long and short requests alike, and
+    the answers are still those of each request alone."""
+    model, recorder = _model(), _Recorder()
+    rng = random.Random(_seed)
+    requests = [[rng.randrange(5, VOCAB) for _ in range(rng.choice([2, 3, 60, 64]))] for _ in range(40)]
+    gate = threading.Event()
+    with Engine(model, max_batch=16, max_batch_tokens=128, observer=recorder) as engine, layers_wait_for(model, gate):
+        futures = [engine.submit(r, speed=0.5) for r in requests]
+        gate.set()
+        results = [f.result(timeout=120) for f in futures]
+    assert recorder.calls and all(tokens <= 128 for _, _, tokens in recorder.calls)
+    assert max(rows for _, rows, _ in recorder.calls) > 2  # short rows still share calls
+    for ids, result in zip(requests, results, strict=True):
+        alone = _alone(model, ids, 0.5)
+        assert result.exit_layer == int(alone.exit_layer)
+        torch.testing.assert_close(result.logits, alone.logits[0].float(), atol=1e-4, rtol=1e-4)
+    assert sorted(layer for layer, _, _ in recorder.answers) == sorted(r.exit_layer for r in results)
+    assert all(0 <= queued <= latency for _, latency, queued in recorder.answers)
+
+
+def test_group_by_length_picks_the_oldest_and_fits_the_budget(_seed):
+    future = concurrent.futures.Future()
+    rng = random.Random(_seed)
+    rows = [_Row(future, torch.zeros(rng.randint(1, 64), 1), 0.5, None, serial=i) for i in range(50)]
+    for max_batch, budget in ((8, 64), (64, 256), (3, 1000)):
+        chosen = _group_by_length(rows, max_batch, budget)
+        assert rows[0] in chosen and 1 <= len(chosen) <= max_batch
+        assert len(chosen) * max(row.hidden.shape[0] for row in chosen) <= max(budget, rows[0].hidden.shape[0])
+        assert len({id(row) for row in chosen}) == len(chosen)
+
+
+def test_sentence_pairs_equal_the_model_on_the_pair():
     from helpers import word_tokenizer
 
-    from fastbert_kernels.apps.serve import create_app
-
-    model = _model()
-    engine = Engine(model, word_tokenizer(), max_batch=8)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, max_body_bytes=2048), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", model, engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        engine.close()
-        sock.close()
+    model, tokenizer = _model(), word_tokenizer()
+    with Engine(model, tokenizer) as engine:
+        result = engine.submit(("w1 w2 w3", "w4 w5"), speed=0.5).result(timeout=60)
+    encoded = tokenizer("w1 w2 w3", "w4 w5", return_tensors="pt")
+    assert encoded["token_type_ids"][0].tolist().count(1) == 3  # the pair template: B and its [SEP]
+    with torch.no_grad():
+        alone = model(**encoded, speed=0.5)
+    assert result.exit_layer == int(alone.exit_layer)
+    torch.testing.assert_close(result.logits, alone.logits[0].float(), atol=1e-4, rtol=1e-4)
 
 
-def _http(url: str, body: bytes | None = None) -> tuple[int, dict]:
-    import json
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def test_http_classify_health_and_metrics(http_server):
-    import json
-
+def test_long_texts_are_truncated_or_refused_as_asked():
     from helpers import word_tokenizer
 
-    url, model, _ = http_server
-    status, body = _http(f"{url}/health")
-    assert (status, body) == (200, {"status": "ok"})
-    status, body = _http(f"{url}/classify", json.dumps({"texts": ["a b c", "d e"], "speed": 0.5}).encode())
-    assert status == 200 and len(body["results"]) == 2
-    ids = word_tokenizer()("a b c")["input_ids"]
-    expected = _alone(model, ids, 0.5)
-    first = body["results"][0]
-    assert first["exit_layer"] == int(expected.exit_layer)
-    torch.testing.assert_close(torch.tensor(first["scores"]), torch.softmax(expected.logits[0], -1), atol=1e-5, rtol=0)
-    status, metrics = _http(f"{url}/metrics")
-    assert status == 200 and metrics["completed"] >= 2 and metrics["latency_ms"]["p50"] is not None
+    model, tokenizer = _model(), word_tokenizer()
+    long_text = " ".join(f"w{i % 50}" for i in range(200))
+    with Engine(model, tokenizer, max_length=32) as engine:
+        cut = engine.submit(long_text, speed=0.0).result(timeout=60)
+        with pytest.raises(InputTooLongError, match="202 tokens; the engine's max_length is 32"):
+            engine.submit(long_text, speed=0.0, truncate=False).result(timeout=60)
+        with pytest.raises(TypeError, match="truncate must be True or False"):
+            engine.submit("w1", truncate="no")
+    ids = tokenizer(long_text, truncation=True, max_length=32)["input_ids"]
+    torch.testing.assert_close(cut.logits, _alone(model, ids, 0.0).logits[0].float(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "body,status,message",
-    [
-        (b"{not json", 400, "not valid JSON"),
-        (b"[1, 2]", 422, "JSON object"),
-        (b'{"text": "a", "texts": ["b"]}', 422, "exactly one"),
-        (b'{"texts": []}', 422, "non-empty list"),
-        (b'{"text": "a", "speed": 3}', 422, "speed"),
-        (b'{"text": "   "}', 422, "empty request"),
-        (b'{"text": "' + b"a " * 2000 + b'"}', 413, "byte limit"),
-        (b'{"text": "a", "sped": 0.9}', 422, "unknown fields ['sped']"),
-        (b'{"text": "a", "speed": true}', 422, "speed must be a real number"),
-        (b'{"texts": "a"}', 422, "non-empty list"),
-        (b"[" * 1000 + b"]" * 1000, 422, "nests deeper than 32"),
-        (b'{"text": ' + b"[" * 600 + b"]" * 600 + b"}", 422, "nests deeper than 32"),
-        (b"\xff\xfe", 400, "not valid JSON"),
-    ],
-)
-def test_http_bad_bodies_get_clear_4xx(http_server, body, status, message):
-    url, _, _ = http_server
-    got_status, got = _http(f"{url}/classify", body)
-    assert got_status == status and message in got["error"]
-
-
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=30,
-)
-_bodies = st.one_of(
-    _json.map(lambda v: json.dumps(v).encode()),
-    st.fixed_dictionaries(
-        {"text": st.text(max_size=30)}, optional={"speed": _json, "texts": _json, "extra": _json}
-    ).map(lambda v: json.dumps(v).encode()),
-    st.integers(1, 3000).map(lambda depth: b"[" * depth + b"]" * depth),
-    st.binary(max_size=64),
-)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=_bodies)
-def test_http_any_body_gets_a_2xx_or_a_4xx(http_server, body):
-    """Any JSON (any depth, types, unicode) or any bytes: an answer with a 2xx or a 4xx and a
-    message, never a 5xx or a reset connection."""
-    url, _, _ = http_server
-    status, answer = _http(f"{url}/classify", body)
-    assert 200 <= status < 500, (status, answer)
-    assert ("results" in answer) if status == 200 else isinstance(answer.get("error"), str)
-
-
-def test_http_client_that_hangs_up_is_dropped_from_the_queues(http_server):
-    """A request whose client is gone does not keep computing: its rows leave the engine."""
-    import socket
-
-    url, model, engine = http_server
-    port = int(url.rsplit(":", 1)[1])
+def test_abort_and_close_with_a_timeout_leave_no_future_waiting():
+    """close(timeout): what is still held after it fails with EngineClosedError, the call running
+    then included; nothing is left pending and the engine's count returns to zero."""
+    model, recorder = _model(), _Recorder()
     release, started = threading.Event(), threading.Event()
+    engine = Engine(model, max_batch=2, observer=recorder)
     with layers_wait_for(model, release, started):
-        blocker = engine.submit([5, 6, 7], speed=0.0)
+        futures = [engine.submit([5, 6, 7], speed=0.0) for _ in range(6)]
         assert started.wait(timeout=30)
-        body = json.dumps({"texts": ["a b", "c d e", "f"], "speed": 0.0}).encode()
-        client = socket.create_connection(("127.0.0.1", port))
-        client.sendall(
-            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        deadline = time.monotonic() + 30
-        while sum(len(rows) for rows in engine._rows) + len(engine._incoming) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        client.close()
-        time.sleep(0.3)  # the server sees the hang-up and cancels the request's rows
+        closer = threading.Thread(target=engine.close, kwargs={"timeout": 0.2})
+        closer.start()
+        time.sleep(0.4)  # the timeout passes while the first call is held
         release.set()
-        blocker.result(timeout=60)
-    deadline = time.monotonic() + 30
-    while (any(engine._rows) or engine._incoming) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.stats.completed == 1  # the blocker alone: the three gone rows never ran to an answer
-
-
-def test_http_health_reports_a_stopped_engine():
-    pytest.importorskip("starlette")
-    from starlette.testclient import TestClient
-
-    from fastbert_kernels.apps.serve import create_app
-
-    model = _model()
-    layer_class = type(model.bert.encoder.layer[0])
-    original = layer_class.forward
-
-    def dying(self, *args, **kwargs):
-        raise KeyboardInterrupt
-
-    engine = Engine(model, max_batch=2)
-    layer_class.forward = dying
-    try:
-        with pytest.raises(EngineClosedError):
-            engine.submit([5, 6], speed=0.0).result(timeout=60)
-    finally:
-        layer_class.forward = original
-    client = TestClient(create_app(engine))
-    answer = client.get("/health")
-    assert answer.status_code == 503 and answer.json()["status"] == "unhealthy"
-    engine.close()
+        closer.join(timeout=60)
+    assert not closer.is_alive()
+    done, pending = concurrent.futures.wait(futures, timeout=30)
+    assert not pending
+    errors = [f.exception() for f in futures]
+    assert all(isinstance(e, EngineClosedError) and "closed before this request finished" in str(e) for e in errors)
+    assert engine.in_flight == 0 and recorder.failures == 6
+    with pytest.raises(EngineClosedError):
+        engine.submit([5, 6])

@@ -314,7 +314,10 @@ def test_bad_submit_arguments_take_no_slot(kwargs, error):
 
 @pytest.mark.parametrize("request_", [b"hi", bytearray(b"hi"), [True, False], [5, 6.0]])
 def test_bytes_bools_and_floats_are_not_token_ids(request_):
-    with Engine(_trained_model()) as engine, pytest.raises(TypeError, match="a request is a text or a sequence"):
+    with (
+        Engine(_trained_model()) as engine,
+        pytest.raises(TypeError, match=r"a request is a text, a \(text, text_pair\) tuple or a sequence"),
+    ):
         engine.submit(request_, speed=0.0).result(timeout=60)
 
 

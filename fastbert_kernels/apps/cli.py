@@ -116,10 +116,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serves a FastBERT checkpoint over HTTP (the serve extra)."""
-    from .serve import serve
+    """Serves a FastBERT checkpoint over HTTP (the serve extra), draining on SIGTERM."""
+    try:
+        from ..server import serve
+    except ImportError as err:
+        raise SystemExit(f"serve needs the serve extra: pip install 'fastbert_kernels[serve]' ({err})") from None
+    return serve(
+        args.checkpoint,
+        args.host,
+        args.port,
+        max_batch=args.max_batch,
+        max_batch_tokens=args.max_batch_tokens,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_client_batch_size=args.max_client_batch_size,
+        max_input_length=args.max_input_length,
+        max_body_bytes=args.max_body_bytes,
+        max_wait=args.max_wait_ms / 1e3,
+        auto_truncate=args.auto_truncate,
+        drain_timeout=args.drain_timeout,
+        log_level=args.log_level,
+    )
 
-    return serve(args.checkpoint, args.host, args.port, args.max_batch, args.max_body_bytes)
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {value}")
+    return value
 
 
 def _speed(text: str) -> float:
@@ -232,9 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="serve a checkpoint over HTTP with the depth-pooled engine")
     v.add_argument("checkpoint", help="a FastBERT checkpoint (with its tokenizer)")
     v.add_argument("--host", default="127.0.0.1", help="the interface to bind (default: loopback only)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=int, default=8000, help="0: any free port (the log says which)")
     v.add_argument("--max-batch", type=_positive_int, default=64, help="the most rows a layer call runs")
+    v.add_argument("--max-batch-tokens", type=_positive_int, default=16_384,
+                   help="the most tokens (rows x padded length) a layer call runs")  # fmt: skip
+    v.add_argument("--max-concurrent-requests", type=_positive_int, default=512,
+                   help="texts the engine holds at once; past it, 429")  # fmt: skip
+    v.add_argument("--max-client-batch-size", type=_positive_int, default=32, help="texts per request; past it, 413")
+    v.add_argument("--max-input-length", type=_positive_int, default=None,
+                   help="tokens per text (default: the model's position limit)")  # fmt: skip
+    v.add_argument("--auto-truncate", action="store_true",
+                   help="cut texts over --max-input-length instead of answering 413 (a request may say)")  # fmt: skip
     v.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="larger request bodies get 413")
+    v.add_argument("--max-wait-ms", type=_positive_float, default=100.0,
+                   help="a request older than this has its depth served first (the engine's aging bound)")  # fmt: skip
+    v.add_argument("--drain-timeout", type=_positive_float, default=20.0,
+                   help="seconds to finish accepted requests after SIGTERM; then they get 503")  # fmt: skip
+    v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     v.set_defaults(func=cmd_serve)
     return parser
 

@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="arrival sequences per load level (medians reported)")
     parser.add_argument("--engine-waits-ms", type=float, nargs="*", default=[25.0, 50.0, 100.0, 250.0],
                         help="the engine's aging bounds to sweep at 75%% load")  # fmt: skip
+    parser.add_argument("--merge-gaps", type=int, nargs="*", default=[1, 2, 3], help="the engine's merge gaps to sweep")
+    parser.add_argument("--sweep-seeds", type=int, default=5, help="arrival sequences of the 75%% sweep")
     parser.add_argument("--only-engine-sweep", action="store_true", help="measure (b)'s saturation and the sweep only")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -232,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = model.config.num_hidden_layers
     wait = args.max_wait_ms / 1e3
 
-    def engine_system(policy: str, max_wait: float | None = None):
+    def engine_system(policy: str, max_wait: float | None = None, merge_gap: int | None = None):
         options = {} if max_wait is None else {"max_wait": max_wait}
+        options |= {} if merge_gap is None else {"merge_gap": merge_gap}
         c = Engine(model, max_batch=args.max_batch, policy=policy, **options)
         return (
             lambda ids: c.submit(ids, speed=args.speed),
@@ -271,14 +274,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"system": name, "load": load, "seed": seed, "rate_per_s": rate, **stats,
                              "rows_per_layer_call": fill()})  # fmt: skip
                 print(rows[-1], flush=True)
-    # The engine's other policies and aging bounds, at 75% of (b)'s saturation.
-    variants = [(f"c_engine_{policy}", policy, None) for policy in ("deepest", "oldest")]
-    variants += [(f"c_engine_wait{ms:g}ms", "fullest", ms / 1e3) for ms in args.engine_waits_ms]
+    # The engine's other policies, aging bounds and merge gaps at 75% of (b)'s saturation,
+    # interleaved with (b) itself and the default engine on the same arrival sequences.
+    variants = [(f"c_engine_{policy}", policy, None, None) for policy in ("deepest", "oldest")]
+    variants += [(f"c_engine_wait{ms:g}ms", "fullest", ms / 1e3, None) for ms in args.engine_waits_ms]
+    variants += [(f"c_engine_merge{gap}", "fullest", None, gap) for gap in args.merge_gaps]
     rate = 0.75 * saturation["b_patched_batcher"]
-    for seed in range(args.seeds):
-        for name, policy, max_wait in variants:
-            submit, close, fill = engine_system(policy, max_wait)
-            stats = drive(submit, requests, rate, seed)
+    for seed in range(args.sweep_seeds):
+        b = DynamicBatcher(patched_runner(model, pad_id, args.speed), args.max_batch, wait)
+        sweep = {"b_patched_batcher_sweep": (b.submit, b.close, lambda b=b: b.layer_rows / max(1, b.layer_calls))}
+        sweep |= {"c_engine_sweep": engine_system("fullest")}
+        sweep |= {name: engine_system(*options) for name, *options in variants}
+        for name, (submit, close, fill) in sweep.items():
+            stats = drive(submit, requests, rate, 100 + seed)
             close()
             rows.append({"system": name, "load": 0.75, "seed": seed, "rate_per_s": rate, **stats,
                          "rows_per_layer_call": fill()})  # fmt: skip

@@ -11,7 +11,10 @@ Policy (:func:`_pick_depth`, default ``fullest``): the depth with the most waiti
 the deepest (it is the closest to answering), except that a request older than ``max_wait``
 seconds (since it was submitted) has its depth served first (the oldest such). The bound is on
 time, not on steps, so it is a latency bound whatever a step costs, and no request starves
-however the load is spread. ``deepest`` and ``oldest`` are there to be measured against it.
+however the load is spread. Optionally (``merge_gap``, off by default), a small group right
+behind the fullest depth catches up first when the two fit in one call, so that groups merge
+instead of drifting apart; on a CPU, where a fuller call saves little, it costs median latency
+(``benchmarks/bench_serving.py``). ``deepest`` and ``oldest`` are there to be measured against it.
 
 A layer call runs at most ``max_batch`` rows and at most ``max_batch_tokens`` tokens (rows x
 padded length, as Text Embeddings Inference counts them), so one long text cannot make a whole
@@ -173,12 +176,25 @@ def _check_seconds(value, name: str) -> float | None:
     return float(value)
 
 
-def _pick_depth(rows_by_depth: list[list[_Row]], now: float, max_wait: float, policy: str = "fullest") -> int:
+def _pick_depth(
+    rows_by_depth: list[list[_Row]],
+    now: float,
+    max_wait: float,
+    policy: str = "fullest",
+    max_batch: int = 64,
+    merge_gap: int = 0,
+) -> int:
     """The depth to run next. Whatever the policy, the depth of the oldest request submitted more
     than ``max_wait`` seconds before ``now`` comes first. Then ``fullest``: the depth with the most
     waiting rows, ties to the deepest (full calls, and the deeper rows are the closest to
     answering); ``deepest``: the deepest depth with rows (drain first: lowest latency for rows in
-    flight, emptier calls); ``oldest``: the depth of the oldest request (first come, first served)."""
+    flight, emptier calls); ``oldest``: the depth of the oldest request (first come, first served).
+
+    Merging (``fullest`` with ``merge_gap`` > 0): if a shallower depth at most ``merge_gap``
+    layers behind the fullest holds rows that fit beside the fullest's in one call, it runs first
+    so that the two groups merge. Its calls are made either way; run first, they let every layer
+    after the merge run once for both groups, where running the fullest first would push the
+    two groups further apart and make each of the remaining layers run twice, half full."""
     overdue = [
         (row.serial, d) for d, rows in enumerate(rows_by_depth) for row in rows if now - row.submitted >= max_wait
     ]
@@ -189,7 +205,11 @@ def _pick_depth(rows_by_depth: list[list[_Row]], now: float, max_wait: float, po
         return occupied[-1]
     if policy == "oldest":
         return min(occupied, key=lambda d: min(row.serial for row in rows_by_depth[d]))
-    return max(occupied, key=lambda d: (len(rows_by_depth[d]), d))
+    fullest = max(occupied, key=lambda d: (len(rows_by_depth[d]), d))
+    for behind in range(fullest - 1, max(-1, fullest - 1 - merge_gap), -1):
+        if rows_by_depth[behind] and len(rows_by_depth[behind]) + len(rows_by_depth[fullest]) <= max_batch:
+            return behind
+    return fullest
 
 
 def _group_by_length(rows: list[_Row], max_batch: int, max_tokens: int) -> list[_Row]:
@@ -228,6 +248,8 @@ class Engine:
             limit); longer texts are truncated, or refused with ``truncate=False``.
         policy: which depth runs next (:func:`_pick_depth`): ``fullest`` (default), ``deepest``
             or ``oldest``.
+        merge_gap: with ``fullest``, a group at most this many layers behind the fullest depth
+            catches up first when the two fit in one call (0, the default: never).
         require_trained_students: refuse (rather than warn about) requests at speed > 0 while
             the students were never distilled (the server sets it).
         observer: an :class:`EngineObserver` told of every layer call and answer (metrics).
@@ -244,6 +266,7 @@ class Engine:
         max_wait: float = 0.1,
         max_length: int | None = None,
         policy: str = "fullest",
+        merge_gap: int = 0,
         require_trained_students: bool = False,
         observer: EngineObserver | None = None,
     ) -> None:
@@ -261,7 +284,9 @@ class Engine:
             raise ValueError("max_wait must be a positive number of seconds")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        self.policy = policy
+        if isinstance(merge_gap, bool) or not isinstance(merge_gap, int) or merge_gap < 0:
+            raise ValueError(f"merge_gap must be a non-negative integer, got {merge_gap!r}")
+        self.policy, self.merge_gap = policy, merge_gap
         self.require_trained_students = require_trained_students
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -546,7 +571,7 @@ class Engine:
             self._rows[depth] = keep
 
     def _step(self) -> None:
-        depth = _pick_depth(self._rows, time.monotonic(), self.max_wait, self.policy)
+        depth = _pick_depth(self._rows, time.monotonic(), self.max_wait, self.policy, self.max_batch, self.merge_gap)
         chosen = _group_by_length(self._rows[depth], self.max_batch, self.max_batch_tokens)
         chosen_ids = {id(row) for row in chosen}
         self._rows[depth] = [row for row in self._rows[depth] if id(row) not in chosen_ids]

@@ -242,6 +242,16 @@ def test_policy_serves_the_fullest_depth_and_never_starves():
     for policy in ("fullest", "deepest", "oldest"):
         assert _pick_depth([rows(1, age=1.5, first=-5), rows(50), []], now, 1.0, policy) == 0
         assert _pick_depth([rows(1, age=1.5, first=-5), rows(1, age=2.0, first=-9), []], now, 1.0, policy) == 1
+    # Merging: a small group up to merge_gap layers behind the fullest catches up first, when the
+    # two fit in one call; never past the gap, nor when they would overflow max_batch.
+    assert _pick_depth([rows(2), rows(5), []], now, 1.0, "fullest", max_batch=8, merge_gap=1) == 0
+    assert _pick_depth([rows(2), [], rows(5)], now, 1.0, "fullest", max_batch=8, merge_gap=1) == 2
+    assert _pick_depth([rows(2), [], rows(5)], now, 1.0, "fullest", max_batch=8, merge_gap=2) == 0
+    assert _pick_depth([rows(2), rows(1), rows(5)], now, 1.0, "fullest", max_batch=8, merge_gap=2) == 1  # nearest first
+    assert _pick_depth([rows(4), rows(5), []], now, 1.0, "fullest", max_batch=8, merge_gap=1) == 1
+    assert _pick_depth([rows(2), rows(5), []], now, 1.0, "fullest", max_batch=8, merge_gap=0) == 1
+    with pytest.raises(ValueError, match="merge_gap"):
+        Engine(_model(), merge_gap=-1)
     with pytest.raises(ValueError, match="policy"):
         Engine(_model(), policy="random")
     with pytest.raises(ValueError, match="max_wait"):

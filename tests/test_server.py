@@ -44,9 +44,11 @@ def _alone(model, tokenizer, *texts: str, speed: float):
 @pytest.fixture
 def served():
     model, tokenizer = _model(), word_tokenizer()
-    with Engine(model, tokenizer, max_batch=8, max_in_flight=64) as engine:
-        with TestClient(create_app(engine, SETTINGS)) as client:
-            yield client, model, tokenizer, engine
+    with (
+        Engine(model, tokenizer, max_batch=8, max_in_flight=64) as engine,
+        TestClient(create_app(engine, SETTINGS)) as client,
+    ):
+        yield client, model, tokenizer, engine
 
 
 def _labels(model) -> list[str]:
@@ -89,7 +91,9 @@ def test_predict_parameters_top_k_function_and_raw_scores(served):
     raw = client.post("/predict", json={"inputs": "w1 w2", "raw_scores": True}).json()
     for item in raw:
         assert item["score"] == pytest.approx(float(logits[int(item["label"][6:])]), abs=1e-4)
-    clash = client.post("/predict", json={"inputs": "w1", "raw_scores": True, "parameters": {"function_to_apply": "softmax"}})
+    clash = client.post(
+        "/predict", json={"inputs": "w1", "raw_scores": True, "parameters": {"function_to_apply": "softmax"}}
+    )
     assert clash.status_code == 422 and "raw_scores" in clash.json()["error"]
 
 
@@ -97,7 +101,11 @@ def test_predict_takes_sentence_pairs(served):
     client, model, tokenizer, _ = served
     speed = fbk.state.fastbert_config(model).exit_rule.speed
     expected = torch.softmax(_alone(model, tokenizer, "w1 w2", "w3 w4", speed=speed).logits[0], -1)
-    for inputs in ({"text": "w1 w2", "text_pair": "w3 w4"}, [["w1 w2", "w3 w4"]], [{"text": "w1 w2", "text_pair": "w3 w4"}]):
+    for inputs in (
+        {"text": "w1 w2", "text_pair": "w3 w4"},
+        [["w1 w2", "w3 w4"]],
+        [{"text": "w1 w2", "text_pair": "w3 w4"}],
+    ):
         answer = client.post("/predict", json={"inputs": inputs}).json()
         answer = answer if isinstance(inputs, dict) else answer[0]
         scores = {item["label"]: item["score"] for item in answer}
@@ -124,7 +132,9 @@ def test_info_health_openapi_and_request_ids(served):
     client, model, _, engine = served
     info = client.get("/info").json()
     assert info["model_id"] == "tiny" and info["model_type"] == "bert" and info["num_layers"] == 4
-    assert info["labels"] == _labels(model) and info["exit_rule"] == fbk.state.fastbert_config(model).exit_rule.as_dict()
+    assert (
+        info["labels"] == _labels(model) and info["exit_rule"] == fbk.state.fastbert_config(model).exit_rule.as_dict()
+    )
     assert info["limits"]["max_client_batch_size"] == 8 and info["limits"]["max_batch"] == engine.max_batch
     assert info["version"] == fbk.__version__ and info["certificate"] is None
     assert client.get("/health").json() == {"status": "ok"}
@@ -168,7 +178,7 @@ def test_bad_requests_get_tei_error_bodies(served, path, body, status, error_typ
 
 
 def test_long_texts_get_413_unless_truncation_is_asked_for(served):
-    client, model, tokenizer, _ = served
+    client = served[0]
     text = " ".join(f"w{i % 40}" for i in range(80))  # 82 tokens over the tiny model's 64 positions
     refused = client.post("/predict", json={"inputs": text})
     assert refused.status_code == 413 and "position limit is 64" in refused.json()["error"]
@@ -210,7 +220,7 @@ def _samples(client) -> dict[tuple[str, tuple], float]:
 
 
 def test_metrics_count_requests_batches_and_exit_layers(served):
-    client, model, _, engine = served
+    client = served[0]
     before = _samples(client)
     texts = ["w1 w2", "w3", "w4 w5 w6", "w7"]
     results = client.post("/classify", json={"texts": texts, "speed": 0.5}).json()["results"]
@@ -226,7 +236,9 @@ def test_metrics_count_requests_batches_and_exit_layers(served):
     assert delta("fastbert_exit_layer_count") == len(texts)
     assert delta("fastbert_exit_layer_sum") == sum(r["exit_layer"] for r in results)
     for layer in range(1, 5):  # cumulative buckets: answers at or below each layer
-        assert delta("fastbert_exit_layer_bucket", le=f"{float(layer)}") == sum(r["exit_layer"] <= layer for r in results)
+        assert delta("fastbert_exit_layer_bucket", le=f"{float(layer)}") == sum(
+            r["exit_layer"] <= layer for r in results
+        )
     assert delta("fastbert_batch_rows_sum", layer="1") == len(texts)  # every text runs layer 1
     assert delta("fastbert_batch_tokens_sum", layer="1") >= len(texts) * 3
     assert delta("fastbert_inference_duration_seconds_count") == len(texts)
@@ -399,10 +411,8 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path):
     fbk.save_pretrained(model, tmp_path / "ckpt", tokenizer=word_tokenizer())
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 50}" for j in range(1 + i % 30)) for i in range(40)))
-    args = loadtest.build_parser().parse_args(
-        [str(tmp_path / "ckpt"), "--clients", "50", "--signal-after", "2", "--max-requests", "60",
-         "--texts", str(texts), "--drain-timeout", "20", "--timeout", "60"]  # fmt: skip
-    )
+    options = ["--clients", "50", "--signal-after", "2", "--max-requests", "60", "--texts", str(texts)]
+    args = loadtest.build_parser().parse_args([str(tmp_path / "ckpt"), *options, "--drain-timeout", "20"])
     report = loadtest.run(args)
     assert report["problems"] == [], report
     assert report["exit_code"] == 0 and report["accepted_by_server"] > 50

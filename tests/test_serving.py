@@ -372,7 +372,7 @@ def test_abort_and_close_with_a_timeout_leave_no_future_waiting():
         release.set()
         closer.join(timeout=60)
     assert not closer.is_alive()
-    done, pending = concurrent.futures.wait(futures, timeout=30)
+    _, pending = concurrent.futures.wait(futures, timeout=30)
     assert not pending
     errors = [f.exception() for f in futures]
     assert all(isinstance(e, EngineClosedError) and "closed before this request finished" in str(e) for e in errors)

@@ -153,10 +153,10 @@ def test_classified_corpus_has_one_row_per_line_whatever_the_separators(tmp_path
     assert [row["index"] for row in rows] == list(range(len(texts)))
 
 
-@pytest.mark.parametrize("name", ["corpus.tsv", "corpus.json", "corpus", "corpus.parquet"])
+@pytest.mark.parametrize("name", ["corpus.tsv", "corpus.json", "corpus", "corpus.xlsx"])
 def test_unknown_corpus_formats_are_refused_by_name(tmp_path, name):
     (tmp_path / name).write_text("w1\n")
-    with pytest.raises(corpus.CorpusFormatError, match=r"unknown corpus format.*known: \.txt, \.jsonl, \.csv"):
+    with pytest.raises(corpus.CorpusFormatError, match=r"unknown corpus format.*known: \.txt, \.jsonl, \.csv, \.parq"):
         corpus.read_texts(tmp_path / name)
 
 

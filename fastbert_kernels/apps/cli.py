@@ -4,9 +4,11 @@
   distil the students, evaluate a sweep of speeds against the unpatched model (:mod:`.demo`).
 * ``bench``: the same evaluation with more timing repeats, results under benchmarks/results.
 * ``env``: what was built, what is available, and which backend each device uses.
-* ``distill``, ``classify``: the library's distillation and corpus classification on files.
+* ``distill``, ``classify``: the library's distillation and corpus classification on files
+  (``classify --engine ray``: Ray Data, :mod:`fastbert_kernels.integrations.ray`).
 * ``calibrate``: a certified, label-free exit rule from held-out texts, saved with the checkpoint.
-* ``serve``: a checkpoint over HTTP through the depth-pooled serving engine (:mod:`.serve`).
+* ``serve``: a checkpoint over HTTP through the depth-pooled serving engine
+  (:mod:`fastbert_kernels.server`; ``--replicas N``: on Ray Serve).
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from ..corpus import check_corpus_path, classify_corpus
     from ..state import check_students_trained, fastbert_config
 
+    if args.engine == "ray":
+        return _classify_with_ray(args)
     check_corpus_path(args.corpus)  # before the model loads: a wrong path fails in a second
     model, tokenizer = load_checkpoint(args.checkpoint)
     speed = fastbert_config(model).exit_rule.speed if args.speed is None else args.speed
@@ -87,6 +91,29 @@ def cmd_classify(args: argparse.Namespace) -> int:
     )
     if distributed.context().is_main:
         print(f"wrote {out}")
+    return 0
+
+
+def _classify_with_ray(args: argparse.Namespace) -> int:
+    """``classify --engine ray``: Ray Data over a local cluster, or the one at ``--address``."""
+    try:
+        from ..integrations.ray import classify_with_ray
+    except ImportError as err:
+        raise SystemExit(f"--engine ray needs the ray extra: pip install 'fastbert_kernels[ray]' ({err})") from None
+    out = classify_with_ray(
+        args.checkpoint,
+        str(args.corpus),
+        str(args.out),
+        speed=args.speed,
+        address=args.address,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        threads_per_actor=args.threads_per_actor,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    print(f"wrote {out}")
     return 0
 
 
@@ -116,7 +143,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serves a FastBERT checkpoint over HTTP (the serve extra), draining on SIGTERM."""
+    """Serves a FastBERT checkpoint over HTTP (the serve extra), draining on SIGTERM; with
+    ``--replicas``, on Ray Serve (the ray extra)."""
+    if args.replicas is not None:
+        return _serve_replicas(args)
     try:
         from ..server import serve
     except ImportError as err:
@@ -135,6 +165,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         auto_truncate=args.auto_truncate,
         drain_timeout=args.drain_timeout,
         log_level=args.log_level,
+    )
+
+
+def _serve_replicas(args: argparse.Namespace) -> int:
+    try:
+        from ..integrations.ray import serve_replicas
+    except ImportError as err:
+        raise SystemExit(f"--replicas needs the ray extra: pip install 'fastbert_kernels[ray]' ({err})") from None
+    engine_options = {
+        "max_batch": args.max_batch,
+        "max_batch_tokens": args.max_batch_tokens,
+        "max_in_flight": args.max_concurrent_requests,
+        "max_length": args.max_input_length,
+        "max_wait": args.max_wait_ms / 1e3,
+    }
+    settings = {
+        "max_body_bytes": args.max_body_bytes,
+        "max_client_batch_size": args.max_client_batch_size,
+        "auto_truncate": args.auto_truncate,
+    }
+    return serve_replicas(
+        args.checkpoint, args.host, args.port, args.replicas, engine_options=engine_options, settings=settings
     )
 
 
@@ -228,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_demo)
     d = sub.add_parser("distill", help="distil a checkpoint's students on a text file (torchrun-ready)")
     d.add_argument("checkpoint", help="a FastBERT checkpoint, or a fine-tuned ...ForSequenceClassification one")
-    d.add_argument("--texts", required=True, help="unlabelled texts: .txt (one a line), .jsonl or .csv (text)")
+    d.add_argument("--texts", required=True, help="unlabelled texts: .txt (one a line), .jsonl, .csv, .parquet")
     d.add_argument("--out", required=True, help="where to save the distilled FastBERT checkpoint")
     d.add_argument("--epochs", type=_positive_int, default=DISTILL_DEFAULTS.epochs)
     d.add_argument("--batch-size", type=_positive_int, default=32, help="global batch (split over the processes)")
@@ -237,10 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--resume-dir", default=None, help="checkpoint the run here and resume from it")
     d.set_defaults(func=cmd_distill)
-    c = sub.add_parser("classify", help="classify a corpus into JSON Lines, resumable (torchrun-ready)")
+    c = sub.add_parser("classify", help="classify a corpus into JSON Lines or Parquet, resumable (or on Ray)")
     c.add_argument("checkpoint", help="a FastBERT checkpoint (with its tokenizer)")
-    c.add_argument("corpus", help=".txt (one text a line), .jsonl or .csv (text column)")
-    c.add_argument("--out", required=True, help="the .jsonl to write")
+    c.add_argument("corpus", help=".txt (one text a line), .jsonl, .csv or .parquet (a text column)")
+    c.add_argument("--out", required=True, help="the .jsonl or .parquet to write (with --engine ray: a folder)")
+    c.add_argument("--engine", choices=["process", "ray"], default="process",
+                   help="process: this process (streaming, resumable; torchrun or --workers to share); "
+                        "ray: Ray Data actors (the ray extra)")  # fmt: skip
+    c.add_argument("--address", default=None, help="--engine ray: the cluster to join (default: start one here)")
+    c.add_argument("--actors", type=_positive_int, default=1, help="--engine ray: actors, each with the model")
+    c.add_argument("--cpus-per-actor", type=float, default=1.0, help="--engine ray: CPUs each actor takes")
+    c.add_argument("--gpus-per-actor", type=float, default=0.0, help="--engine ray: GPUs each actor takes")
+    c.add_argument("--threads-per-actor", type=_positive_int, default=None,
+                   help="--engine ray: torch threads in each actor (default: its CPUs, as Ray sets)")  # fmt: skip
     c.add_argument("--speed", type=_speed, default=None, help="default: the checkpoint's default speed")
     c.add_argument("--batch-size", type=_positive_int, default=64)
     c.add_argument("--max-length", type=_positive_int, default=128)
@@ -249,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_classify)
     k = sub.add_parser("calibrate", help="certify an exit rule on held-out unlabelled texts (label-free)")
     k.add_argument("checkpoint", help="a distilled FastBERT checkpoint (with its tokenizer)")
-    k.add_argument("--texts", required=True, help="held-out texts, never distilled on: .txt, .jsonl or .csv")
+    k.add_argument("--texts", required=True, help="held-out texts, never distilled on: .txt, .jsonl, .csv or .parquet")
     k.add_argument("--out", required=True, help="where to save the checkpoint with the certified rule")
     k.add_argument("--max-disagreement", type=_fraction, default=0.01, help="epsilon: answers that may differ")
     k.add_argument("--delta", type=_fraction, default=0.05, help="the certificate fails with at most this chance")
@@ -275,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--drain-timeout", type=_positive_float, default=20.0,
                    help="seconds to finish accepted requests after SIGTERM; then they get 503")  # fmt: skip
     v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    v.add_argument("--replicas", type=_positive_int, default=None,
+                   help="run N replicas, each with its own engine, on Ray Serve (the ray extra)")  # fmt: skip
     v.set_defaults(func=cmd_serve)
     return parser
 

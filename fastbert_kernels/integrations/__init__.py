@@ -1,0 +1,1 @@
+"""Integrations with engines people already run; each needs its extra (``ray``: :mod:`.ray`)."""

@@ -3,8 +3,9 @@
 // The op `fastbert::exit_head` takes them as one `Tensor[] weights`, in the order of the fields of
 // FoldedWeights in fastbert_kernels/ops/types.py. Everything in C++ that names them (the struct of
 // tensors, its checks, the CUDA kernels' pointer struct, the names reported by build_info) expands
-// this X-macro, and tests/test_contract.py compares the reported names with the Python fields, so
-// the two languages cannot drift apart. No torch or CUDA headers: launchers.h includes it too.
+// this X-macro, and tests/test_ops.py (test_extension_unpacks_weights_and_names_criteria_as_python_does)
+// compares the reported names with the Python fields, so the two languages cannot drift apart.
+// No torch or CUDA headers: launchers.h includes it too.
 #pragma once
 
 // X(name): every weight is float32 except w_in, which has the hidden states' dtype (the

@@ -131,11 +131,16 @@ def test_classify_keeps_the_rich_answer_with_its_rule(served):
 def test_info_health_openapi_and_request_ids(served):
     client, model, _, engine = served
     info = client.get("/info").json()
-    assert info["model_id"] == "tiny" and info["model_type"] == "bert" and info["num_layers"] == 4
+    assert info["model_id"] == "tiny" and info["architecture"] == "bert" and info["num_layers"] == 4
+    labels = _labels(model)  # TEI's model_type.classifier, so that its clients read it
+    assert info["model_type"]["classifier"]["id2label"] == {str(i): name for i, name in enumerate(labels)}
+    assert info["model_type"]["classifier"]["label2id"] == {name: i for i, name in enumerate(labels)}
     assert (
         info["labels"] == _labels(model) and info["exit_rule"] == fbk.state.fastbert_config(model).exit_rule.as_dict()
     )
-    assert info["limits"]["max_client_batch_size"] == 8 and info["limits"]["max_batch"] == engine.max_batch
+    assert info["max_client_batch_size"] == 8 and info["max_batch_requests"] == engine.max_batch
+    assert info["max_batch_tokens"] == engine.max_batch_tokens and info["max_input_length"] == 64
+    assert info["model_dtype"] == "float32" and info["max_wait_ms"] == pytest.approx(100.0)
     assert info["version"] == fbk.__version__ and info["certificate"] is None
     assert client.get("/health").json() == {"status": "ok"}
     spec = client.get("/openapi.json").json()

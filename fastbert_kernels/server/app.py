@@ -37,13 +37,14 @@ from ..serving import Engine, EngineClosedError, EngineFullError, EngineResult, 
 from ..state import fastbert_config
 from .metrics import ServerMetrics
 from .schemas import (
+    Classifier,
     ClassifyRequest,
     ClassifyResponse,
     ErrorResponse,
     Health,
     Info,
     LabelScore,
-    Limits,
+    ModelKind,
     PredictRequest,
     TextPair,
 )
@@ -392,24 +393,29 @@ def create_app(
     @app.get("/info", response_model=Info, summary="What is served, and the limits")
     async def info() -> Info:
         config = fastbert_config(model)
+        classifier = Classifier(
+            id2label={str(i): name for i, name in enumerate(labels)},
+            label2id={name: i for i, name in enumerate(labels)},
+        )
         return Info(
             model_id=settings.model_id,
-            model_type=model_type,
+            model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            model_type=ModelKind(classifier=classifier),
+            max_concurrent_requests=engine.max_in_flight,
+            max_input_length=engine.max_length,
+            max_batch_tokens=engine.max_batch_tokens,
+            max_batch_requests=engine.max_batch,
+            max_client_batch_size=settings.max_client_batch_size,
+            auto_truncate=settings.auto_truncate,
+            version=__version__,
+            architecture=model_type,
             labels=labels,
             num_layers=num_layers,
             exit_rule=config.exit_rule.as_dict(),
             certificate=config.certificate,
             quantization=config.quantization,
-            version=__version__,
-            limits=Limits(
-                max_body_bytes=settings.max_body_bytes,
-                max_client_batch_size=settings.max_client_batch_size,
-                max_input_length=engine.max_length,
-                max_batch=engine.max_batch,
-                max_batch_tokens=engine.max_batch_tokens,
-                max_concurrent_requests=engine.max_in_flight,
-                auto_truncate=settings.auto_truncate,
-            ),
+            max_body_bytes=settings.max_body_bytes,
+            max_wait_ms=1e3 * engine.max_wait,
         )
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -98,23 +98,37 @@ class Health(BaseModel):
     error: str | None = None
 
 
-class Limits(BaseModel):
-    max_body_bytes: int
-    max_client_batch_size: int = Field(description="texts per request")
-    max_input_length: int = Field(description="tokens per text")
-    max_batch: int = Field(description="rows per layer call")
-    max_batch_tokens: int = Field(description="tokens (rows x padded length) per layer call")
-    max_concurrent_requests: int = Field(description="texts held by the engine at once")
-    auto_truncate: bool
+class Classifier(BaseModel):
+    id2label: dict[str, str]
+    label2id: dict[str, int]
+
+
+class ModelKind(BaseModel):
+    """TEI's ``model_type``: a sequence classifier and its labels."""
+
+    classifier: Classifier
 
 
 class Info(BaseModel):
+    """``GET /info``: Text Embeddings Inference's fields (so that its clients read them), then this
+    server's own: the architecture, layers, exit rule and its certificate."""
+
     model_id: str
-    model_type: str
+    model_sha: str | None = None
+    model_dtype: str
+    model_type: ModelKind
+    max_concurrent_requests: int = Field(description="texts held by the engine at once; past it, 429")
+    max_input_length: int = Field(description="tokens per text")
+    max_batch_tokens: int = Field(description="tokens (rows x padded length) per layer call")
+    max_batch_requests: int = Field(description="rows per layer call")
+    max_client_batch_size: int = Field(description="texts per request")
+    auto_truncate: bool
+    version: str
+    architecture: str = Field(description="the model's model_type: bert, roberta, ...")
     labels: list[str]
     num_layers: int
     exit_rule: dict
     certificate: dict | None = Field(description="what calibration certified for the rule, or null")
     quantization: str | None
-    version: str
-    limits: Limits
+    max_body_bytes: int
+    max_wait_ms: float = Field(description="the engine's aging bound")

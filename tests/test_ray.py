@@ -176,3 +176,42 @@ def test_two_ray_serve_replicas_answer_as_the_engine_does(cluster, job):
         assert {a["label"]: a["score"] for a in answer} == pytest.approx(
             {names[i]: float(scores[i]) for i in range(len(scores))}, abs=1e-5
         )
+
+
+def test_serve_replicas_from_the_command_line(job):
+    """`serve CKPT --replicas 2` in its own process (its own local cluster): it answers on the
+    port it was given, and SIGTERM stops it with status 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    directory, texts, single = job
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = directory / "replicas.log"
+    command = [sys.executable, "-m", "fastbert_kernels", "serve", str(directory / "ckpt"), "--replicas", "2",
+               "--port", str(port)]  # fmt: skip
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while "replicas (Ray Serve)" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        body = json.dumps({"texts": texts[:3], "speed": 0.5}).encode()  # the speed of the single-process rows
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/classify", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            got = json.loads(answer.read())["results"]
+        assert [(r["label_name"], r["exit_layer"]) for r in got] == [(r["label"], r["exit_layer"]) for r in single[:3]]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

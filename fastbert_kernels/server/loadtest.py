@@ -61,6 +61,7 @@ class Outcome:
     status: int | None = None  # None: no HTTP answer
     echoed_id: str | None = None
     failure: str | None = None  # the exception, when there was no answer
+    refused: bool = False  # the connection was refused: the server no longer listens
     hung_up: bool = False
     answered: float | None = None
     well_formed: bool = False
@@ -85,6 +86,42 @@ def _well_formed(path: str, status: int, payload, texts: int) -> bool:
     return isinstance(payload, list) and len(payload) == texts and all(isinstance(item, list) for item in payload)
 
 
+def _hang_up(port: int, path: str, body: dict, outcome: Outcome) -> None:
+    """Sends the whole request on a connection of its own, then closes it before the answer."""
+    outcome.hung_up = True
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"X-Request-ID: {outcome.request_id}\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(head.encode() + data)
+    except OSError as err:
+        outcome.failure, outcome.refused = repr(err), isinstance(err, ConnectionRefusedError)
+
+
+def _ask(
+    conn: http.client.HTTPConnection | None, port: int, path: str, body: dict, outcome: Outcome, timeout: float
+) -> http.client.HTTPConnection | None:
+    """Posts on ``conn`` (opened when None) and records the answer; returns the connection to
+    reuse, or None when it is closed (a failure, or a non-200 answer, which says Connection: close)."""
+    try:
+        conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        status, echoed, payload = _post(conn, path, body, outcome.request_id)
+    except (OSError, http.client.HTTPException) as err:
+        outcome.failure, outcome.refused = repr(err), isinstance(err, ConnectionRefusedError)
+        if conn is not None:
+            conn.close()
+        return None
+    outcome.status, outcome.echoed_id, outcome.answered = status, echoed, time.monotonic()
+    outcome.well_formed = _well_formed(path, status, payload, outcome.texts)
+    if status != 200:
+        conn.close()
+        return None
+    return conn
+
+
 def _client(
     number: int, port: int, texts: list[str], args, stop: threading.Event, outcomes: list[Outcome], lock
 ) -> None:
@@ -98,40 +135,13 @@ def _client(
         body = {"inputs": batch} if path == "/predict" else {"texts": batch}
         outcome = Outcome(f"c{number}-{serial}", len(batch), time.monotonic())
         if rng.random() < args.hang_up:
-            outcome.hung_up = True
-            try:  # the whole request, then gone before the answer
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-                    data = json.dumps(body).encode()
-                    raw.sendall(
-                        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        f"X-Request-ID: {outcome.request_id}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-                        + data
-                    )
-            except OSError as err:
-                outcome.failure = repr(err)
-            with lock:
-                outcomes.append(outcome)
-            if isinstance(outcome.failure, str) and "ConnectionRefused" in outcome.failure:
-                break  # the server stopped listening: this client is done
-            continue
-        try:
-            if conn is None:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
-            status, echoed, payload = _post(conn, path, body, outcome.request_id)
-            outcome.status, outcome.echoed_id, outcome.answered = status, echoed, time.monotonic()
-            outcome.well_formed = _well_formed(path, status, payload, len(batch))
-        except (OSError, http.client.HTTPException) as err:
-            outcome.failure = repr(err)
-            if conn is not None:
-                conn.close()
-            conn = None
+            _hang_up(port, path, body, outcome)
+        else:
+            conn = _ask(conn, port, path, body, outcome, args.timeout)
         with lock:
             outcomes.append(outcome)
-        if outcome.failure and "ConnectionRefused" in outcome.failure:
+        if outcome.refused:
             break  # the server stopped listening: this client is done
-        if outcome.status is not None and outcome.status != 200 and conn is not None:
-            conn.close()  # 503 while draining says Connection: close
-            conn = None
     if conn is not None:
         conn.close()
 

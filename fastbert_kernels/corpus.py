@@ -382,17 +382,18 @@ def _check_output_is_not_an_input(output: Path, corpus) -> None:
         raise ValueError(f"the output {output} is the corpus itself: writing it would destroy the input")
 
 
-def _shard_rows(shards: Path, total: int, shard_size: int) -> Iterator[list[str]]:
-    """The lines of every shard in order, checked: row ``i`` of the corpus is line ``i``."""
+def _shard_rows(shards: Path, total: int, shard_size: int) -> Iterator[tuple[list[str], list[dict]]]:
+    """The lines of every shard in order, and their rows, checked: row ``i`` of the corpus is line ``i``."""
     expected = 0
     for k in range(math.ceil(total / shard_size)):
         with _shard_path(shards, k).open(encoding="utf-8") as handle:
             lines = handle.readlines()
-        for line in lines:
-            if json.loads(line)["index"] != expected:
+        rows = [json.loads(line) for line in lines]
+        for row in rows:
+            if row["index"] != expected:
                 raise RuntimeError(f"shard {k} is out of order at row {expected}; remove {shards}")
             expected += 1
-        yield lines
+        yield lines, rows
     if expected != total:
         raise RuntimeError(f"the shards hold {expected} rows for {total} texts; remove {shards}")
 
@@ -407,12 +408,11 @@ def _join(shards: Path, output: Path, total: int, shard_size: int) -> None:
                             ("scores", pa.list_(pa.float32())), ("exit_layer", pa.int64()),
                             ("uncertainty", pa.float32())])  # fmt: skip
         with pa.parquet.ParquetWriter(partial, schema) as writer:
-            for lines in _shard_rows(shards, total, shard_size):
-                rows = [json.loads(line) for line in lines]
+            for _, rows in _shard_rows(shards, total, shard_size):
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema))  # one row group a shard
     else:
         with partial.open("w", encoding="utf-8") as out:
-            for lines in _shard_rows(shards, total, shard_size):
+            for lines, _ in _shard_rows(shards, total, shard_size):
                 out.writelines(lines)
     partial.replace(output)
 

@@ -215,18 +215,10 @@ class FastBertReplica:
     (:func:`fastbert_kernels.server.create_app`). Wrapped by :func:`deployment`."""
 
     def __init__(self, checkpoint: str, engine_options: dict, settings: dict) -> None:
-        from ..architectures import architecture_for
-        from ..serialization import load_checkpoint
-        from ..server import ServerMetrics, ServerSettings, create_app
-        from ..serving import Engine
+        from ..server import ServerSettings
+        from ..server.run import build
 
-        model, tokenizer = load_checkpoint(checkpoint)
-        options = {"max_batch": 64, "max_batch_tokens": 16_384, **engine_options}
-        metrics = ServerMetrics(
-            len(architecture_for(model).layers(model)), options["max_batch"], options["max_batch_tokens"]
-        )
-        self.engine = Engine(model, tokenizer, require_trained_students=True, observer=metrics, **options)
-        self.asgi_app = create_app(self.engine, ServerSettings(**settings), metrics=metrics)
+        self.engine, self.asgi_app = build(checkpoint, ServerSettings(**settings), **engine_options)
 
     def __serve_build_asgi_app__(self):
         return self.asgi_app

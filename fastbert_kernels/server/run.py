@@ -22,6 +22,8 @@ from types import FrameType
 
 import uvicorn
 
+from ..architectures import architecture_for
+from ..serialization import load_checkpoint
 from ..serving import Engine, EngineClosedError
 from .app import DrainState, ServerSettings, create_app
 from .metrics import ServerMetrics
@@ -90,6 +92,19 @@ class DrainingServer(uvicorn.Server):
         return False
 
 
+def build(checkpoint: str, settings: ServerSettings, drain: DrainState | None = None, **engine_options):
+    """A checkpoint's engine (students required to be trained) with the server's metrics as its
+    observer, and the application over it: ``(engine, app)``. ``engine_options`` go to
+    :class:`~fastbert_kernels.serving.Engine` (``max_batch``, ``max_batch_tokens``, ...)."""
+    model, tokenizer = load_checkpoint(checkpoint)
+    options = {"max_batch": 64, "max_batch_tokens": 16_384, **engine_options}
+    metrics = ServerMetrics(
+        len(architecture_for(model).layers(model)), options["max_batch"], options["max_batch_tokens"]
+    )
+    engine = Engine(model, tokenizer, require_trained_students=True, observer=metrics, **options)
+    return engine, create_app(engine, settings, metrics=metrics, drain=drain)
+
+
 def serve(
     checkpoint: str,
     host: str = "127.0.0.1",
@@ -107,24 +122,7 @@ def serve(
     log_level: str = "info",
 ) -> int:
     """Loads a FastBERT checkpoint and serves it until a signal, then drains (above); returns 0."""
-    from ..architectures import architecture_for
-    from ..serialization import load_checkpoint
-
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, tokenizer = load_checkpoint(checkpoint)
-    num_layers = len(architecture_for(model).layers(model))
-    metrics = ServerMetrics(num_layers, max_batch, max_batch_tokens)
-    engine = Engine(
-        model,
-        tokenizer,
-        max_batch=max_batch,
-        max_batch_tokens=max_batch_tokens,
-        max_in_flight=max_concurrent_requests,
-        max_length=max_input_length,
-        max_wait=max_wait,
-        require_trained_students=True,
-        observer=metrics,
-    )
     settings = ServerSettings(
         model_id=str(checkpoint),
         max_body_bytes=max_body_bytes,
@@ -132,7 +130,16 @@ def serve(
         auto_truncate=auto_truncate,
     )
     drain = DrainState()
-    app = create_app(engine, settings, metrics=metrics, drain=drain)
+    engine, app = build(
+        checkpoint,
+        settings,
+        drain,
+        max_batch=max_batch,
+        max_batch_tokens=max_batch_tokens,
+        max_in_flight=max_concurrent_requests,
+        max_length=max_input_length,
+        max_wait=max_wait,
+    )
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=ANSWER_GRACE
     )

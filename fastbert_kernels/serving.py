@@ -112,15 +112,14 @@ class _Request:
 
 @dataclasses.dataclass
 class _Row:
-    """A request in flight: its hidden states at its own length ``[L, H]``, its depth (layers
-    done), and its bookkeeping."""
+    """A request in flight: its hidden states at its own length ``[L, H]`` and its bookkeeping
+    (its depth is the queue that holds it)."""
 
     future: concurrent.futures.Future
     hidden: torch.Tensor
     speed: float
     deadline: float | None
     serial: int
-    depth: int = 0
     submitted: float = 0.0  # time.monotonic() at submit: the aging bound counts from it
     started: float | None = None  # time.monotonic() at its first layer call
     streak: tuple[int, int] = (-1, 0)  # patience state: the last student's argmax, agreeing confident students
@@ -174,6 +173,13 @@ def _check_seconds(value, name: str) -> float | None:
     if not (0 < float(value) < float("inf")):
         raise ValueError(f"{name} must be positive and finite, got {value}")
     return float(value)
+
+
+def _check_count(value, name: str, minimum: int = 1) -> int:
+    """An integer (not a bool) of at least ``minimum``; else the error that says so."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    return value
 
 
 def _pick_depth(
@@ -272,20 +278,17 @@ class Engine:
     ) -> None:
         if not is_patched(model):
             raise ValueError("the engine needs a patched model: call fastbert_kernels.patch(model) first")
-        for name, value in (
-            ("max_batch", max_batch),
-            ("max_batch_tokens", max_batch_tokens),
-            ("max_in_flight", max_in_flight),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_count(max_batch, "max_batch")
+        _check_count(max_batch_tokens, "max_batch_tokens")
+        _check_count(max_in_flight, "max_in_flight")
+        _check_count(merge_gap, "merge_gap", minimum=0)
+        if max_length is not None:
+            _check_count(max_length, "max_length")
         self.max_wait = _check_seconds(max_wait, "max_wait")
         if self.max_wait is None:
             raise ValueError("max_wait must be a positive number of seconds")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if isinstance(merge_gap, bool) or not isinstance(merge_gap, int) or merge_gap < 0:
-            raise ValueError(f"merge_gap must be a non-negative integer, got {merge_gap!r}")
         self.policy, self.merge_gap = policy, merge_gap
         self.require_trained_students = require_trained_students
         self.model = model.eval()
@@ -294,10 +297,6 @@ class Engine:
         self.arch = architecture_for(model)
         self.layers = self.arch.layers(model)
         self.limit = self.arch.max_length(model.config)
-        if max_length is not None and (
-            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
-        ):
-            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
         self.max_length = min(max_length or self.limit, self.limit)
         if max_batch_tokens < self.max_length:
             raise ValueError(
@@ -414,10 +413,6 @@ class Engine:
         # Read without the lock: len() of a list the worker appends to is atomic under the GIL,
         # and a metric may be a step stale.
         return len(self._incoming) + sum(len(rows) for rows in list(self._rows))
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def abort(self, error: BaseException) -> None:
         """Fails every request the engine holds with ``error`` once the layer call running now
@@ -629,7 +624,7 @@ class Engine:
             if leaves:
                 self._complete(row, logits[i], depth + 1, float(uncertainty[i]))
             elif not row.future.cancelled():
-                row.hidden, row.depth = hidden[i, : lengths[i]].clone(), depth + 1
+                row.hidden = hidden[i, : lengths[i]].clone()
                 if streaks is not None:
                     row.streak = tuple(streaks[i])
                 self._rows[depth + 1].append(row)

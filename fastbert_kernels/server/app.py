@@ -220,6 +220,19 @@ def _scores(logits: torch.Tensor, function: str) -> torch.Tensor:
     return logits
 
 
+def _answer_error(err: BaseException, request_id: str) -> ApiError:
+    """The HTTP answer to a text the engine failed."""
+    if isinstance(err, InputTooLongError):
+        return ApiError(413, str(err))
+    if isinstance(err, (TypeError, ValueError)):  # a text the engine refused (empty, bad pair)
+        return ApiError(422, str(err), "empty" if "empty" in str(err) else "validation")
+    if isinstance(err, (EngineClosedError, TimeoutError)):
+        return ApiError(503, str(err), "unhealthy")
+    # A failure inside the model: the request's own 500.
+    logger.error("request_id=%s failed in the model", request_id, exc_info=err)
+    return ApiError(500, f"the model failed: {err!r}", "backend")
+
+
 def _pick(explicit: bool | None, spelled_elsewhere: bool | None, name: str, default: bool) -> bool:
     if explicit is not None and spelled_elsewhere is not None and explicit != spelled_elsewhere:
         raise ApiError(422, f"{name} is given twice with different values")
@@ -255,7 +268,6 @@ def create_app(
         version=__version__,
         description="Early-exit BERT classification (FastBERT) behind Hugging Face inference shapes.",
     )
-    app.state.engine, app.state.settings, app.state.metrics, app.state.drain = engine, settings, metrics, drain
 
     @app.exception_handler(ApiError)
     async def api_error(_request, error: ApiError):
@@ -299,18 +311,9 @@ def create_app(
             await asyncio.wait({answers, disconnected}, return_when=asyncio.FIRST_COMPLETED)
             if not answers.done():  # the client hung up: drop its rows from the engine's queues
                 raise ApiError(499, "the client disconnected")
+            if answers.exception() is not None:
+                raise _answer_error(answers.exception(), request.state.request_id) from answers.exception()
             return answers.result()
-        except InputTooLongError as err:
-            raise ApiError(413, str(err)) from err
-        except (TypeError, ValueError) as err:  # a text the engine refused (empty, bad pair)
-            raise ApiError(422, str(err), "empty" if "empty" in str(err) else "validation") from err
-        except (EngineClosedError, TimeoutError) as err:
-            raise ApiError(503, str(err), "unhealthy") from err
-        except ApiError:
-            raise
-        except Exception as err:  # a failure inside the model: the request's own 500
-            logger.exception("request_id=%s failed in the model", request.state.request_id)
-            raise ApiError(500, f"the model failed: {err!r}", "backend") from err
         finally:
             disconnected.cancel()
             if not answers.done():

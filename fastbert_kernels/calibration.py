@@ -245,6 +245,7 @@ def calibrate(
     delta: float = 0.05,
     certified: bool = True,
     family_selection: str = "bonferroni",
+    drop_bound: str = "betting",
     criteria: Sequence[str] = EXIT_CRITERIA,
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     patiences: Sequence[int] = DEFAULT_PATIENCES,
@@ -270,6 +271,10 @@ def calibrate(
     * ``min_speedup=s`` (``labels``, uncertified): the most accurate rule whose ideal speed-up is at
       least ``s``. ``certified=False`` makes the other targets point estimates too (the fastest
       rule that looks within budget on this sample: no guarantee off it).
+
+    ``drop_bound``: how the labelled accuracy drop is bounded: ``"betting"`` (a betting
+    confidence bound that adapts to the drop's small variance; the default, the tighter one
+    measured) or ``"clopper-pearson"`` (the difference of two exact binomial bounds).
 
     ``student_sets``: which sets of students to try: ``"auto"`` (every student, and the students
     from about 1/6, 1/3, 1/2, 2/3 and 5/6 of the depth on; each set is one more family sharing
@@ -314,7 +319,7 @@ def calibrate(
     table = FlopsTable(model, profile.lengths)
     found, report = certification.certify(
         profile, table, labels, risks=risks, epsilon=epsilon, delta=delta, families=families,
-        family_selection=family_selection,
+        family_selection=family_selection, drop_bound=drop_bound,
     )  # fmt: skip
     if found is None:
         raise ValueError(_nothing_certifies(profile, families, epsilon, delta / len(risks) / len(families)))
@@ -346,7 +351,7 @@ def calibrate(
         samples=found.samples,
         estimate=found.estimate,
         upper_bound=found.upper_bound,
-        bound="Clopper-Pearson" if found.risk == "disagreement" else "Clopper-Pearson difference",
+        bound=certification.bound_name(found.risk, drop_bound),
         alpha=found.alpha,
         families=len(families),
         family_selection=family_selection,

@@ -9,11 +9,20 @@ CALM (Schuster et al., 2022) with Learn-then-Test (Angelopoulos et al., 2021):
   accuracy by disagreeing). ``accuracy_drop`` (labels): the mean of
   ``d_i = 1[early wrong] - 1[full wrong]`` in ``{-1, 0, 1}``.
 * **Bounds**, each an upper confidence bound valid at level ``alpha`` for any sample size:
-  the disagreement's exact binomial (Clopper-Pearson) bound on ``k`` of ``n``; the accuracy drop's
-  ``U(a) - L(b)``, the Clopper-Pearson upper bound of the share ``a`` that the early answer loses
-  minus the lower bound of the share ``b`` it wins, each at ``alpha / 2``. Both are exact for
-  0/1 counts and adapt to small rates, where Hoeffding-type bounds on ``[-1, 1]`` are several
-  times looser (:func:`empirical_bernstein_upper_bound` is kept for that comparison).
+  the disagreement's exact binomial (Clopper-Pearson) bound on ``k`` of ``n``. The accuracy drop's
+  by default is a betting bound (Waudby-Smith and Ramdas, 2024): a gambler bets against
+  ``mean(d) >= epsilon`` on each sample in turn (in a fixed shuffled order), with a stake sized by
+  the running variance, and the hypothesis is rejected when the wealth reaches ``1 / alpha``
+  (Ville's inequality makes that a level-``alpha`` test at any stopping time). It adapts to the
+  variance of ``d``, ``P(discordant) - drop^2``, where the alternative
+  (``drop_bound="clopper-pearson"``: the upper bound of the share ``a`` that the early answer loses
+  minus the lower bound of the share ``b`` it wins, each at ``alpha / 2``) pays for two rates
+  separately. Measured on simulated outcomes (``benchmarks/compare_bounds.py``) the betting bound is
+  10-25% tighter wherever the early answers both lose and win, which is where the labelled route
+  can beat the disagreement; the difference of two exact bounds is tighter only when nothing is
+  won (there the disagreement's own bound, which the labelled target also tries, is tighter still).
+  Hoeffding-type bounds on ``[-1, 1]`` are several times looser
+  (:func:`empirical_bernstein_upper_bound` is kept for that comparison).
 * **Fixed-sequence testing.** Within a rule family (criterion, temperature, patience, students), the speeds
   of a fixed grid are tested from the most conservative to the most aggressive; each is certified
   while its bound is at most ``epsilon``, and the walk stops at the first failure. Every certified
@@ -88,6 +97,22 @@ def binomial_upper_bound(k: int, n: int, alpha: float) -> float:
     return high
 
 
+@functools.lru_cache(maxsize=4096)
+def most_certified_count(n: int, alpha: float, epsilon: float) -> int:
+    """The most disagreements of ``n`` whose Clopper-Pearson bound at ``alpha`` is still at most
+    ``epsilon`` (-1: even none certifies). The bound grows with the count, so bisection finds it."""
+    if binomial_upper_bound(0, n, alpha) > epsilon:
+        return -1
+    low, high = 0, n  # the bound passes at low; high may fail
+    while low < high:
+        mid = (low + high + 1) // 2
+        if binomial_upper_bound(mid, n, alpha) <= epsilon:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
 def binomial_lower_bound(k: int, n: int, alpha: float) -> float:
     """Clopper-Pearson lower bound: ``1 - upper bound`` of the complement count."""
     return 0.0 if k == 0 else 1.0 - binomial_upper_bound(n - k, n, alpha)
@@ -97,6 +122,66 @@ def accuracy_drop_upper_bound(worse: int, better: int, n: int, alpha: float) -> 
     """Upper confidence bound at level ``alpha`` of ``P(early wrong, full right) - P(early right,
     full wrong)`` from ``worse`` and ``better`` counts of ``n``: Bonferroni over two exact bounds."""
     return binomial_upper_bound(worse, n, alpha / 2) - binomial_lower_bound(better, n, alpha / 2)
+
+
+# Largest stake of the betting bound: wealth factors 1 + stake * (m - y) stay positive for every
+# y in [0, 1] and every m >= 1/2 (a drop >= 0) while the stake is below 2; 0.75 of that, as in
+# Waudby-Smith and Ramdas, keeps a single worse sample from costing most of the wealth.
+_MAX_STAKE = 1.5
+DROP_BOUNDS: tuple[str, ...] = ("betting", "clopper-pearson")
+
+
+def _betting_stakes(y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Predictable plug-in stakes ``[S, n]`` for outcomes ``y [S, n]`` in [0, 1] (Waudby-Smith and
+    Ramdas, fixed-n form): ``stake_t = min(1.5, sqrt(2 log(1/alpha) / (n var_{t-1})))``, with the
+    running variance ``var_t = (1/4 + sum_{i<=t} (y_i - mean_i)^2) / (t + 1)`` and
+    ``mean_t = (1/2 + sum_{i<=t} y_i) / (t + 1)``. Each stake uses only earlier samples, which is
+    what makes the wealth a supermartingale under the null."""
+    rows, n = y.shape
+    t = torch.arange(1, n + 1, dtype=torch.float64)
+    mean = (0.5 + y.cumsum(1)) / (t + 1)
+    variance = (0.25 + ((y - mean) ** 2).cumsum(1)) / (t + 1)
+    previous = torch.cat([torch.full((rows, 1), 0.25, dtype=torch.float64), variance[:, :-1]], 1)
+    return torch.sqrt(2 * math.log(1 / alpha) / (n * previous)).clamp(max=_MAX_STAKE)
+
+
+def _betting_rejects(y: torch.Tensor, stakes: torch.Tensor, m: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``[S]``: whether the wealth ``prod_t (1 + stake_t (m - y_t))`` of betting against
+    ``mean(y) >= m`` reaches ``1 / alpha`` at some t. ``m [S, 1]``, at least 1/2."""
+    wealth = torch.log1p(stakes * (m - y)).cumsum(1)
+    return wealth.max(1).values >= math.log(1 / alpha)
+
+
+def _as_outcomes(drops: torch.Tensor) -> torch.Tensor:
+    """Drops ``[S, n]`` in [-1, 1] mapped to [0, 1], in a fixed shuffled order: the bet must not
+    see samples in an order that depends on them (a file sorted by class, say)."""
+    n = drops.shape[1]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return (drops.double()[:, order] + 1) / 2
+
+
+def betting_drop_rejects(drops: torch.Tensor, epsilon: float, alpha: float) -> torch.Tensor:
+    """``[S]``: the level-``alpha`` test that the mean of each row of ``drops [S, n]`` (values in
+    [-1, 1]) is below ``epsilon`` (> 0), by betting. What fixed-sequence testing asks at each speed."""
+    y = _as_outcomes(drops)
+    m = torch.full((y.shape[0], 1), (epsilon + 1) / 2, dtype=torch.float64)
+    return _betting_rejects(y, _betting_stakes(y, alpha), m, alpha)
+
+
+def betting_drop_upper_bound(drops: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``[S]``: upper confidence bounds at level ``alpha`` on the mean of each row of
+    ``drops [S, n]``, by inverting the betting test (the wealth grows with ``m``, because the stakes
+    do not depend on it, so bisection finds the smallest rejected ``m``). Floored at 0: a drop
+    bounded below 0 is reported as 0."""
+    y = _as_outcomes(drops)
+    stakes = _betting_stakes(y, alpha)
+    low = torch.full((y.shape[0],), 0.5, dtype=torch.float64)
+    high = torch.ones_like(low)
+    for _ in range(40):
+        mid = (low + high) / 2
+        rejected = _betting_rejects(y, stakes, mid[:, None], alpha)
+        high, low = torch.where(rejected, mid, high), torch.where(rejected, low, mid)
+    return 2 * high - 1
 
 
 def empirical_bernstein_upper_bound(values: torch.Tensor, alpha: float, value_range: float = 2.0) -> float:
@@ -176,11 +261,13 @@ _CHUNK = 128
 class _Counts:
     """Outcomes of one family at S speeds against the full model, over the samples tested:
     ``disagree [S]`` of ``samples``; with labels, ``worse [S]`` (the early answer wrong, the full
-    one right) and ``better [S]`` of the ``labelled`` ones."""
+    one right) and ``better [S]`` of the ``labelled`` ones, and the per-sample drops
+    ``[S, labelled]`` (+1 worse, -1 better, 0 otherwise) that the betting bound reads."""
 
     disagree: list[int]
     worse: list[int] | None
     better: list[int] | None
+    drops: torch.Tensor | None
     samples: int
     labelled: int
 
@@ -193,13 +280,14 @@ def _counts(profile, rows: torch.Tensor, labels: torch.Tensor | None, layers: to
     full = profile.full_answers[rows]
     disagree = (early != full).sum(1).tolist()
     if labels is None:
-        return _Counts(disagree, None, None, len(rows), 0)
+        return _Counts(disagree, None, None, None, len(rows), 0)
     truth = labels[rows]
     labelled = truth >= 0
     early, full, truth = early[:, labelled], full[labelled], truth[labelled]
-    worse = ((early != truth) & (full == truth)).sum(1).tolist()
-    better = ((early == truth) & (full != truth)).sum(1).tolist()
-    return _Counts(disagree, worse, better, len(rows), int(labelled.sum()))
+    drops = (early != truth).to(torch.int8) - (full != truth).to(torch.int8)  # [S, labelled]
+    worse = (drops > 0).sum(1).tolist()
+    better = (drops < 0).sum(1).tolist()
+    return _Counts(disagree, worse, better, drops, len(rows), int(labelled.sum()))
 
 
 def _estimate(counts: _Counts, i: int, risk: str) -> tuple[float, int]:
@@ -209,12 +297,36 @@ def _estimate(counts: _Counts, i: int, risk: str) -> tuple[float, int]:
     return (counts.worse[i] - counts.better[i]) / max(counts.labelled, 1), counts.labelled
 
 
-def _bound(counts: _Counts, i: int, risk: str, alpha: float) -> tuple[float, float, int]:
-    """(estimate, upper bound at level alpha, samples it used) of ``risk`` at the i-th speed."""
-    estimate, n = _estimate(counts, i, risk)
+def _passes(counts: _Counts, risk: str, epsilon: float, alpha: float, drop_bound: str) -> list[bool]:
+    """Whether each of the S speeds passes its level-``alpha`` test of ``risk <= epsilon``."""
     if risk == "disagreement":
-        return estimate, binomial_upper_bound(counts.disagree[i], n, alpha), n
-    return estimate, accuracy_drop_upper_bound(counts.worse[i], counts.better[i], n, alpha), n
+        most = most_certified_count(counts.samples, alpha, epsilon)
+        return [k <= most for k in counts.disagree]
+    if counts.labelled == 0:
+        return [False] * len(counts.worse)
+    if drop_bound == "betting":
+        return betting_drop_rejects(counts.drops, epsilon, alpha).tolist()
+    return [
+        accuracy_drop_upper_bound(w, b, counts.labelled, alpha) <= epsilon
+        for w, b in zip(counts.worse, counts.better, strict=True)
+    ]
+
+
+def _upper_bound(counts: _Counts, i: int, risk: str, alpha: float, drop_bound: str) -> float:
+    """The upper confidence bound at level ``alpha`` of ``risk`` at the i-th speed (for the
+    certificate: the test at ``epsilon`` decided, this says by how much it passed)."""
+    if risk == "disagreement":
+        return binomial_upper_bound(counts.disagree[i], counts.samples, alpha)
+    if drop_bound == "betting":
+        return float(betting_drop_upper_bound(counts.drops[i : i + 1], alpha)[0])
+    return accuracy_drop_upper_bound(counts.worse[i], counts.better[i], counts.labelled, alpha)
+
+
+def bound_name(risk: str, drop_bound: str = "betting") -> str:
+    """How a certificate names the bound that certified ``risk``."""
+    if risk == "disagreement":
+        return "Clopper-Pearson"
+    return "betting (Waudby-Smith-Ramdas)" if drop_bound == "betting" else "Clopper-Pearson difference"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,32 +348,36 @@ def _chunks(speeds: Sequence[float]):
         yield speeds[start : start + _CHUNK]
 
 
-def _walk(profile, rows, labels, family: ExitRule):
-    """``(speed, exit layers [len(rows)], counts, i)`` for each speed of :data:`CERTIFY_SPEEDS` in
-    order, computed a chunk at a time and only as far as the caller reads."""
+def fixed_sequence(
+    profile,
+    table,
+    rows,
+    labels,
+    family: ExitRule,
+    risk: str,
+    epsilon: float,
+    alpha: float,
+    drop_bound: str = "betting",
+) -> Certified | None:
+    """The most aggressive speed of ``family`` (a rule whose speed is replaced) that fixed-sequence
+    testing certifies on ``rows``: tested in :data:`CERTIFY_SPEEDS` order, a chunk of speeds at a
+    time, stopping at the first failure; None if the first fails. Exits only grow with the speed,
+    so the most aggressive certified speed is also the fastest."""
+    last = None  # (speed, counts, index in its chunk, exit layers) of the last speed that passed
     for speeds in _chunks(CERTIFY_SPEEDS):
         layers = profile.exit_layers_at(family, speeds, rows)
         counts = _counts(profile, rows, labels, layers)
-        for i, speed in enumerate(speeds):
-            yield speed, layers[i], counts, i
-
-
-def fixed_sequence(
-    profile, table, rows, labels, family: ExitRule, risk: str, epsilon: float, alpha: float
-) -> Certified | None:
-    """The most aggressive speed of ``family`` (a rule whose speed is replaced) that fixed-sequence
-    testing certifies on ``rows``: tested in :data:`CERTIFY_SPEEDS` order, stopping at the first
-    failure; None if the first fails. Exits only grow with the speed, so the most aggressive
-    certified speed is also the fastest."""
-    found = None  # (speed, estimate, bound, samples, exit layers)
-    for speed, exit_layers, counts, i in _walk(profile, rows, labels, family):
-        estimate, upper, n = _bound(counts, i, risk, alpha)
-        if upper > epsilon:
+        passed = _passes(counts, risk, epsilon, alpha, drop_bound)
+        through = passed.index(False) if False in passed else len(passed)  # speeds before the first failure
+        if through:
+            last = (speeds[through - 1], counts, through - 1, layers[through - 1])
+        if through < len(passed):
             break
-        found = (speed, estimate, upper, n, exit_layers)
-    if found is None:
+    if last is None:
         return None
-    speed, estimate, upper, n, exit_layers = found
+    speed, counts, i, exit_layers = last
+    estimate, n = _estimate(counts, i, risk)
+    upper = _upper_bound(counts, i, risk, alpha, drop_bound)
     rule = family.replace(speed=speed)
     return Certified(rule, estimate, upper, table.speedup(exit_layers, rule, rows), risk, alpha, n)
 
@@ -291,12 +407,16 @@ def certify(
     delta: float,
     families: Sequence[ExitRule],
     family_selection: str = "bonferroni",
+    drop_bound: str = "betting",
     seed: int = 0,
 ) -> tuple[Certified | None, dict[str, dict[ExitRule, Certified | None]]]:
     """The fastest certified rule over ``families`` for any of ``risks`` (``delta`` divided
-    equally among the risks), and what each risk and family gave (for the report)."""
+    equally among the risks), and what each risk and family gave (for the report).
+    ``drop_bound``: the accuracy drop's bound, ``"betting"`` or ``"clopper-pearson"``."""
     if family_selection not in ("bonferroni", "split"):
         raise ValueError(f"family_selection must be 'bonferroni' or 'split', got {family_selection!r}")
+    if drop_bound not in DROP_BOUNDS:
+        raise ValueError(f"drop_bound must be one of {DROP_BOUNDS}, got {drop_bound!r}")
     n = profile.num_samples
     everyone = torch.arange(n)
     per_risk = delta / len(risks)
@@ -305,7 +425,10 @@ def certify(
     for risk in risks:
         if family_selection == "bonferroni":
             alpha = per_risk / len(families)
-            results = {f: fixed_sequence(profile, table, everyone, labels, f, risk, epsilon, alpha) for f in families}
+            results = {
+                f: fixed_sequence(profile, table, everyone, labels, f, risk, epsilon, alpha, drop_bound)
+                for f in families
+            }
         else:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             choose, test = order[: n // 2], order[n // 2 :]
@@ -314,7 +437,9 @@ def certify(
             results = {}
             if picks:
                 family = max(picks, key=lambda p: p.speedup).rule.replace(speed=0.0)
-                results[family] = fixed_sequence(profile, table, test, labels, family, risk, epsilon, per_risk)
+                results[family] = fixed_sequence(
+                    profile, table, test, labels, family, risk, epsilon, per_risk, drop_bound
+                )
         report[risk] = results
         found += [r for r in results.values() if r is not None]
     best = max(found, key=lambda r: (r.speedup, -r.upper_bound), default=None)

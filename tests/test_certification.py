@@ -60,6 +60,45 @@ def test_accuracy_drop_bound_covers_at_its_level(worse, better):
     )
 
 
+@pytest.mark.parametrize("worse,better", [(0.02, 0.01), (0.05, 0.0), (0.01, 0.01)])
+def test_betting_drop_bound_covers_at_its_level(worse, better):
+    """Over 1,500 simulated samples of 400 drops, the true drop exceeds the betting bound in at most
+    ~alpha of them; the test at epsilon agrees with the inverted bound."""
+    n, alpha, trials = 400, 0.1, 1500
+    outcome = torch.distributions.Categorical(torch.tensor([worse, better, 1 - worse - better]))
+    draws = outcome.sample((trials, n))
+    drops = (draws == 0).to(torch.int8) - (draws == 1).to(torch.int8)
+    bounds = certification.betting_drop_upper_bound(drops, alpha)
+    assert float((bounds < worse - better).float().mean()) <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials)
+    epsilon = float(bounds.median())
+    rejects = certification.betting_drop_rejects(drops, epsilon, alpha)
+    clear = (bounds - epsilon).abs() > 1e-6  # away from the bisection's own tolerance
+    assert torch.equal(rejects[clear], (bounds <= epsilon)[clear])
+
+
+def test_betting_bound_tighter_than_exact_difference_when_early_answers_win_too():
+    """Where early answers both lose and win (the labelled route's use), betting is the tighter bound;
+    it never certifies a drop that the sample itself exceeds."""
+    n, alpha = 2000, 0.1 / 2 / 135
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    u = torch.rand(8, n, generator=generator, dtype=torch.float64)
+    drops = (u < 0.03).to(torch.int8) - ((u >= 0.03) & (u < 0.05)).to(torch.int8)
+    betting = certification.betting_drop_upper_bound(drops, alpha)
+    worse, better = (drops > 0).sum(1).tolist(), (drops < 0).sum(1).tolist()
+    pairs = zip(worse, better, strict=True)
+    exact = torch.tensor([certification.accuracy_drop_upper_bound(w, b, n, alpha) for w, b in pairs])
+    assert bool((betting < exact).all()), (betting, exact)
+    assert bool((betting >= drops.double().mean(1)).all())
+
+
+def test_most_certified_count_is_the_binomial_bound_threshold():
+    for n, alpha, epsilon in [(1000, 1e-3, 0.01), (300, 0.05, 0.05), (50, 1e-4, 0.01)]:
+        most = certification.most_certified_count(n, alpha, epsilon)
+        if most >= 0:
+            assert certification.binomial_upper_bound(most, n, alpha) <= epsilon
+        assert certification.binomial_upper_bound(most + 1, n, alpha) > epsilon
+
+
 def _synthetic_profile(n: int, generator: torch.Generator, layers: int = 4, classes: int = 3) -> ExitProfile:
     """Students that agree with the teacher more often deeper, and are more confident when they do."""
     teacher = torch.randint(0, classes, (n,), generator=generator)

@@ -1,8 +1,8 @@
 """Early exit on an int8 encoder against the static runtimes a CPU user would pick, in one run.
 
-    python benchmarks/bench_int8.py [--checkpoint DIR] [--threads 1 2] [--repeats 5]
+    python benchmarks/bench_int8.py [--data banking77] [--checkpoint DIR] [--threads 1 2] [--onnx]
 
-On the demo's distilled MiniLM on Rotten Tomatoes (``make demo``): the rules are certified
+On the demo's distilled MiniLM on a data set (``make demo``; ``... demo --data banking77``): the rules are certified
 label-free on the validation texts (disagreement with the *float* model at most each epsilon,
 delta 0.05), then every method runs on the same test texts, interleaved batch by batch in a rotating
 order (each repeat gives one ratio against unpatched fp32; the report gives the median):
@@ -18,9 +18,12 @@ order (each repeat gives one ratio against unpatched fp32; the report gives the 
   fp32 on the unpatched model exported with ``torch.onnx.export(dynamo=True)``, and ONNX
   Runtime's own dynamic int8 quantisation of that graph (``onnxruntime.quantization``), with as
   many intra-op threads as torch gets and thread spinning off (so that it does not slow the
-  methods interleaved with it).
+  methods interleaved with it); and the adaptive model itself on ONNX Runtime
+  (:func:`fastbert_kernels.export_onnx`, a graph per layer and per student, exits on the host), in
+  fp32 and with int8 layer graphs, each under the rule certified on its own profile against the
+  float torch model's answers.
 Each row also gives test accuracy and disagreement with unpatched fp32. Results:
-benchmarks/results/int8.json.
+benchmarks/results/int8_<data>.json.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from demo_checkpoint import require_checkpoint
 from interleaved import interleaved_ratios, under
 
 import fastbert_kernels as fbk
-from fastbert_kernels.apps.data import load_rotten_tomatoes
+from fastbert_kernels.apps.data import load_dataset
 from fastbert_kernels.batching import make_batches
 from fastbert_kernels.profile import exit_profile
 
@@ -78,9 +81,28 @@ def onnx_sessions(unpatched, tokenizer, folder: Path, threads: list[int]) -> dic
     return runners
 
 
+def onnx_adaptive(model, folder: Path, threads: list[int]) -> dict[str, dict[int, fbk.OnnxFastBert]]:
+    """``{"onnx adaptive fp32" | "onnx adaptive int8": {threads: runner}}``: the patched model
+    exported once per precision (kept in ``folder`` for the next run)."""
+    fp32, int8 = folder / "adaptive", folder / "adaptive_int8"
+    if not (fp32 / "fastbert_onnx.json").is_file():
+        fbk.export_onnx(model, fp32)
+    if not (int8 / "fastbert_onnx.json").is_file():
+        fbk.quantize_onnx(fp32, int8)
+    return {
+        "onnx adaptive fp32": {t: fbk.OnnxFastBert(fp32, threads=t) for t in threads},
+        "onnx adaptive int8": {t: fbk.OnnxFastBert(int8, threads=t) for t in threads},
+    }
+
+
+def onnx_runner(runner: fbk.OnnxFastBert) -> Callable:
+    return lambda batch: runner(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--data", default="rotten_tomatoes", help="rotten_tomatoes or banking77")
+    parser.add_argument("--checkpoint", default=None, help="default: the demo's distilled checkpoint for --data")
     parser.add_argument("--texts", type=int, default=1024)
     parser.add_argument("--batch1-texts", type=int, default=128)
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
@@ -90,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", action="store_true", help="add ONNX Runtime fp32 and int8 (the onnx extra)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    model, tokenizer, checkpoint = require_checkpoint(args.checkpoint)
+    model, tokenizer, checkpoint = require_checkpoint(args.checkpoint, args.data)
     model.eval()
-    data = load_rotten_tomatoes()
+    data = load_dataset(args.data)
     cpu = torch.device("cpu")
     unpatched = fbk.unpatch(copy.deepcopy(model)).eval()
     with warnings.catch_warnings():
@@ -110,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         "unpatched int8": lambda b: unpatched_int8(**b).logits,
         "unpatched int8 per-channel": lambda b: unpatched_int8_channel(**b).logits,
     }
-    result: dict = {"checkpoint": str(checkpoint), "rules": {}, "certificates": {}}
+    result: dict = {"data": args.data, "checkpoint": str(checkpoint), "rules": {}, "certificates": {}}
+    adaptive = onnx_adaptive(model, Path(".cache/bench_int8") / args.data, args.threads) if args.onnx else {}
+    for name, runners in adaptive.items():
+        candidates[name] = model  # its FLOPs; the profile is the graphs' own
+        profiles[name] = runners[args.threads[0]].exit_profile(validation, reference=model)
+    onnx_methods: dict[str, dict[int, Callable]] = {}
     for epsilon in args.epsilons:
         for name, candidate in candidates.items():
             label = f"{name}, disagreement <= {epsilon:g}"
@@ -123,10 +150,15 @@ def main(argv: list[str] | None = None) -> int:
             rule = found.rule
             result["rules"][label], result["certificates"][label] = rule.as_dict(), found.certificate.as_dict()
             print(f"{label}: {rule.describe()}\n  {found.certificate}", flush=True)
+            if name in adaptive:
+                by_threads = {t: runner.with_rule(rule) for t, runner in adaptive[name].items()}
+                onnx_methods[label] = {t: onnx_runner(runner) for t, runner in by_threads.items()}
+                continue
             run = under(candidate, rule)
             methods[label] = lambda b, run=run: run(b).logits
     methods["patched int8, speed 0"] = lambda b: int8(**b, speed=0.0).logits
-    onnx = onnx_sessions(unpatched, tokenizer, Path(".cache/bench_int8"), args.threads) if args.onnx else {}
+    onnx = onnx_sessions(unpatched, tokenizer, Path(".cache/bench_int8") / args.data, args.threads) if args.onnx else {}
+    onnx.update(onnx_methods)
     for name, by_threads in onnx.items():
         methods[name] = by_threads[args.threads[0]]
     test = data.test.head(args.texts)
@@ -157,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads_before)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"int8_{args.data}.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

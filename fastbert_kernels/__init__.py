@@ -22,6 +22,7 @@ from .config import FastBertConfig
 from .corpus import classify_corpus
 from .exit_rule import ExitRule
 from .modeling import FastBertOutput, fastbert_config, is_patched, patch, students, unpatch
+from .onnx_export import OnnxFastBert, export_onnx, quantize_onnx
 from .pipelines import FastBertTextClassificationPipeline, pipeline
 from .quantization import quantize
 from .serialization import from_pretrained, load_checkpoint
@@ -42,6 +43,7 @@ __all__ = [
     "FastBertConfig",
     "FastBertOutput",
     "FastBertTextClassificationPipeline",
+    "OnnxFastBert",
     "TrainHistory",
     "TrainingOptions",
     "__version__",
@@ -50,6 +52,7 @@ __all__ = [
     "classify_corpus",
     "distill",
     "exit_profile",
+    "export_onnx",
     "fastbert_config",
     "fine_tune",
     "from_pretrained",
@@ -59,6 +62,7 @@ __all__ = [
     "patch",
     "pipeline",
     "quantize",
+    "quantize_onnx",
     "save_pretrained",
     "student_kl",
     "students",

@@ -125,3 +125,23 @@ def test_calibrating_an_int8_model_measures_against_the_float_model():
     measured = float((profile.predictions(found.rule) != float_answers).float().mean())
     assert found.certificate.estimate == pytest.approx(measured)
     assert found.certificate.upper_bound >= quantization_cost
+
+
+def test_bf16_autocast_on_cpu_answers_as_the_reference_backend(monkeypatch):
+    """Under CPU bf16 autocast the layers return bf16 or float32 hidden states; the exit head
+    takes either (its folded weights are made outside autocast), speed 0 is the unpatched model
+    under the same autocast, and every backend decides as the reference does."""
+    model = fbk.patch(tiny_model("bert", hidden=64)).eval()
+    spread_branches(model)
+    unpatched = fbk.unpatch(copy.deepcopy(model)).eval()
+    batch = random_batch(10, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(**batch, speed=0.0).logits, unpatched(**batch).logits.float())
+        out = model(**batch, speed=0.5)
+        monkeypatch.setenv(fbk.ops.ENV_VAR, "torch")
+        expected = model(**batch, speed=0.5)
+    assert torch.equal(out.exit_layer, expected.exit_layer)
+    torch.testing.assert_close(out.logits, expected.logits, atol=5e-2, rtol=5e-2)
+    # The folding made under autocast is the float32 one a call outside autocast uses.
+    folded = fbk.students(model)[0].folded_weights(torch.float32)
+    assert all(t.dtype == torch.float32 for t in folded)

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup install build test lint demo bench bench-ops bench-e2e env clean gpu-check check-cuda-build
+.PHONY: setup install build test lint docs demo bench bench-ops bench-e2e env clean gpu-check check-cuda-build
 
 $(VENV)/.requirements: requirements/*.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ lint: setup
 
 test: install lint
 	$(PY) -m pytest tests
+
+# The docs site (mkdocs.yml, docs/): built offline into build/site, warnings as errors, so that a
+# broken link or an unreadable docstring fails. The API pages read the source, nothing is imported.
+$(VENV)/.docs: requirements/docs.txt $(VENV)/.requirements
+	$(PIP) install -r requirements/docs.txt
+	touch $@
+
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
 
 demo: install
 	$(PY) -m fastbert_kernels demo

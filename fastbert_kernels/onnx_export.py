@@ -30,8 +30,10 @@ Needs the ``onnx`` extra (``onnx``, ``onnxruntime``, ``onnxscript``: ``torch.onn
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import shutil
 import warnings
 from collections.abc import Mapping, Sequence
@@ -167,7 +169,8 @@ def quantize_onnx(source: str | Path, target: str | Path) -> Path:
     for layer in range(1, manifest["num_layers"] + 1):
         name = f"layer_{layer}.onnx"
         staged = target / f"layer_{layer}.int8.onnx"
-        quantize_dynamic(str(source / name), str(staged), weight_type=QuantType.QInt8, per_channel=True)
+        with _quiet_root_logger():  # ORT advises shape pre-processing on every call; dynamic int8 needs none
+            quantize_dynamic(str(source / name), str(staged), weight_type=QuantType.QInt8, per_channel=True)
         staged.replace(target / name)
         # The float graph kept its weights beside it; the int8 graph holds its own.
         (target / f"{name}.data").unlink(missing_ok=True)
@@ -179,6 +182,17 @@ def quantize_onnx(source: str | Path, target: str | Path) -> Path:
                     shutil.copyfile(source / name, target / name)
     (target / MANIFEST).write_text(json.dumps({**manifest, "int8": True}, indent=1) + "\n")
     return target
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _read_manifest(folder: Path) -> dict:

@@ -43,7 +43,7 @@ import numbers
 import threading
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -55,6 +55,9 @@ from .modeling import teacher_logits
 from .ops.reference import uncertainty as criterion_uncertainty
 from .ops.reference import update_streak
 from .state import branch_modules, check_students_trained, fastbert_config, is_patched
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class EngineFullError(RuntimeError):
@@ -264,7 +267,7 @@ class Engine:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer=None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         *,
         max_batch: int = 64,
         max_batch_tokens: int = 16_384,

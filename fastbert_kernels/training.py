@@ -351,10 +351,10 @@ def distill(
         model: a patched model (:func:`fastbert_kernels.patch`).
         data: unlabelled texts (with ``tokenizer``) or an iterable/DataLoader of tokenised batches
             (dicts with ``input_ids``, ``attention_mask``, optionally ``token_type_ids``).
-        labels, label_weight: with a positive ``label_weight``, each student's loss adds that
-            weight times its cross-entropy against the labels (of the texts: ``labels``; of
-            batches: their ``labels`` key), for when the labels the teacher was fine-tuned with
-            are at hand. Default 0: the paper's label-free distillation.
+        labels: the texts' labels, for ``label_weight`` (batches carry theirs in a ``labels`` key).
+        label_weight: when positive, each student's loss adds this weight times its cross-entropy
+            against the labels, for when the labels the teacher was fine-tuned with are at hand.
+            Default 0: the paper's label-free distillation.
         options: a :class:`TrainingOptions` (default :data:`DISTILL_DEFAULTS`), or its fields as
             keyword arguments (``distill(model, texts, tokenizer, epochs=3, lr=1e-3)``). An
             interrupted run resumed from ``checkpoint_dir`` ends with the same students as an

@@ -127,7 +127,7 @@ def export_onnx(model: nn.Module, folder: str | Path, int8: bool = False) -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     # Rows of different lengths, so that the traced graphs take the padded path.
-    input_ids = torch.randint(5, 100, (2, 6))
+    input_ids = torch.randint(1, model.config.vocab_size, (2, 6))  # any ids the embedding holds
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     first_inputs = {"input_ids": input_ids, "attention_mask": mask}
     if arch.token_types:
@@ -148,6 +148,7 @@ def export_onnx(model: nn.Module, folder: str | Path, int8: bool = False) -> Pat
         "num_layers": num_layers,
         "num_labels": model.config.num_labels,
         "inputs": list(first_inputs),
+        "max_length": arch.max_length(model.config),
         "int8": False,
         "exit_rule": config.exit_rule.as_dict(),
         "id2label": {str(k): v for k, v in model.config.id2label.items()},
@@ -226,6 +227,7 @@ class OnnxFastBert:
         self.num_layers: int = manifest["num_layers"]
         self.num_labels: int = manifest["num_labels"]
         self.input_names: list[str] = manifest["inputs"]
+        self.max_length: int = manifest["max_length"]
         self.int8: bool = manifest["int8"]
         self.rule = ExitRule.from_dict(manifest["exit_rule"]) if rule is None else rule
         self.rule.check_for(self.num_layers)
@@ -254,18 +256,26 @@ class OnnxFastBert:
     def _first(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         return self._layers[0].run(None, {name: feeds[name] for name in self.input_names})[0]
 
-    @staticmethod
-    def _feeds(batch: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, np.ndarray]:
+    def _feeds(self, batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The graphs' inputs, checked as the torch model checks them."""
         input_ids = batch["input_ids"]
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, sequence], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        if input_ids.shape[1] > self.max_length:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds the model's position limit {self.max_length}; "
+                "truncate the inputs"
+            )
         mask = normalize_attention_mask(batch.get("attention_mask"), input_ids.shape, input_ids.device)
         if not bool(mask.any(dim=1).all()):
             raise ValueError("attention_mask has a row with no tokens; every sample needs one")
         feeds = {"input_ids": input_ids.to(torch.int64).cpu().numpy(), "attention_mask": mask.cpu().numpy()}
-        if "token_type_ids" in names:
+        if "token_type_ids" in self.input_names:
             types = batch.get("token_type_ids")
-            feeds["token_type_ids"] = (torch.zeros_like(input_ids) if types is None else types).to(torch.int64).numpy()
+            types = torch.zeros_like(input_ids) if types is None else types
+            feeds["token_type_ids"] = types.to(torch.int64).cpu().numpy()
         return feeds
 
     def __call__(
@@ -277,7 +287,7 @@ class OnnxFastBert:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rule = self.rule if speed is None else self.rule.replace(speed=speed)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        feeds = self._feeds(batch, self.input_names)
+        feeds = self._feeds(batch)
         n = input_ids.shape[0]
         logits_out = np.zeros((n, self.num_labels), dtype=np.float32)
         exit_layer = np.full(n, self.num_layers, dtype=np.int64)
@@ -318,7 +328,7 @@ class OnnxFastBert:
         export; default: the graphs' own teacher)."""
         profiles = []
         for batch in batches:
-            feeds = self._feeds(batch, self.input_names)
+            feeds = self._feeds(batch)
             mask = feeds["attention_mask"]
             hidden, columns = self._first(feeds), []
             for layer in range(1, self.num_layers):

@@ -100,6 +100,10 @@ def test_onnx_bad_input_and_folders_are_named(exported, tmp_path):
     runner = OnnxFastBert(folder)
     with pytest.raises(ValueError, match="non-empty"):
         runner(torch.zeros(0, 5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="int64 or int32"):
+        runner(torch.ones(2, 4))
+    with pytest.raises(ValueError, match="position limit 64"):
+        runner(torch.ones(1, 65, dtype=torch.int64))
     with pytest.raises(ValueError, match="no tokens"):
         runner(torch.ones(2, 4, dtype=torch.int64), torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]))
     with pytest.raises(FileNotFoundError, match=MANIFEST):

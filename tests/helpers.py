@@ -11,6 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification, RobertaConfi
 
 import fastbert_kernels as fbk
 from fastbert_kernels.ops.types import BranchWeights
+from fastbert_kernels.profile import exit_profile
 
 VOCAB = 97
 MAX_POSITIONS = 64
@@ -174,3 +175,14 @@ def layers_wait_for(model, release: threading.Event, started: threading.Event | 
     finally:
         release.set()
         layer_class.forward = original
+
+
+def speed_away_from_every_uncertainty(model, batches, rule: fbk.ExitRule, gap: float = 1e-3) -> float:
+    """A speed in (0.05, 0.95) no student's uncertainty is within ``gap`` of, so that float
+    differences between the runtimes cannot flip a decision."""
+    profile = exit_profile(model, batches, criteria=[rule.criterion], temperatures=[rule.temperature])
+    students = profile.uncertainties[(rule.criterion, rule.temperature)][:, :-1].flatten()
+    for speed in torch.rand(200).mul(0.9).add(0.05).tolist():
+        if (students - speed).abs().min() > gap:
+            return speed
+    raise AssertionError("no speed away from the uncertainties")

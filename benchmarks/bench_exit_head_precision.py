@@ -31,6 +31,9 @@ import torch
 from fastbert_kernels import ops
 from fastbert_kernels.branch import BranchClassifier
 
+# MiniLM's hidden size and the demo's classes; the branch width is BranchClassifier's default.
+HIDDEN, LABELS = 384, 2
+
 
 def methods(rows: int, seq: int, hidden_size: int, labels: int) -> dict:
     branch = BranchClassifier(hidden_size, labels).eval()
@@ -86,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     result = {
-        "shapes": {"hidden": 384, "branch": 128, "labels": 2, "tokens": args.seq},
+        "shapes": {
+            "hidden": HIDDEN,
+            "branch": BranchClassifier(HIDDEN, LABELS).input_proj.out_features,
+            "labels": LABELS,
+            "tokens": args.seq,
+        },
         "bf16_instructions": bf16_instructions(),
     }
     before = torch.get_num_threads()
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
             for rows, calls in ((64, 20), (1, 400)):
                 key = f"threads_{threads}_batch_{rows}"
-                result[key] = time_interleaved(methods(rows, args.seq, 384, 2), calls, args.repeats)
+                result[key] = time_interleaved(methods(rows, args.seq, HIDDEN, LABELS), calls, args.repeats)
                 print(key, json.dumps({k: round(v, 1) for k, v in result[key].items()}), flush=True)
     finally:
         torch.set_num_threads(before)

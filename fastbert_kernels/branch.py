@@ -79,10 +79,7 @@ class BranchClassifier(nn.Module):
         state = tuple((id(t), t.data_ptr(), t._version) for t in weights)
         entry = self._folded.get(dtype)
         if entry is None or entry[0] != state:
-            # Outside autocast: under bf16 autocast the folding's matmuls would round the float32
-            # weights the kernels take after W_in to bf16 (and the kernels refuse them).
-            with torch.autocast(weights.w_in.device.type, enabled=False):
-                entry = (state, weights.fold(self.num_heads, dtype))
+            entry = (state, weights.fold(self.num_heads, dtype))
             self._folded[dtype] = entry
         return entry[1]
 

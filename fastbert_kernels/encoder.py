@@ -44,6 +44,30 @@ def normalize_attention_mask(
     return (attention_mask != 0).to(torch.int64)
 
 
+def check_input_ids(input_ids: torch.Tensor) -> None:
+    """``input_ids`` is ``[B, S]`` int64 or int32, or a ``ValueError``/``TypeError`` says otherwise."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+
+
+def check_input_shape(shape: torch.Size, limit: int) -> None:
+    """A ``[B, S]`` batch with rows, tokens, and at most ``limit`` (the position limit) of them."""
+    if shape[0] == 0:
+        raise ValueError("empty batch: inputs have 0 rows")
+    if shape[1] == 0:
+        raise ValueError("empty sequences: inputs have 0 tokens")
+    if shape[1] > limit:
+        raise ValueError(f"sequence length {shape[1]} exceeds the model's position limit {limit}; truncate the inputs")
+
+
+def raise_empty_rows(mask: torch.Tensor) -> None:
+    """The error for a ``[B, S]`` mask with rows of no token (the caller has found one)."""
+    empty_rows = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    raise ValueError(f"attention_mask rows {empty_rows[:10]} have no tokens; every sample needs one")
+
+
 def embed(
     model: nn.Module,
     arch: Architecture,
@@ -58,10 +82,7 @@ def embed(
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     device = model_device(model)
     if input_ids is not None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        check_input_ids(input_ids)
         shape, source = input_ids.shape, input_ids
     else:
         if inputs_embeds.dim() != 3:
@@ -69,13 +90,7 @@ def embed(
         shape, source = inputs_embeds.shape[:2], inputs_embeds
     if source.device != device:
         raise ValueError(f"inputs are on {source.device} but the model is on {device}; move them with .to({device})")
-    if shape[0] == 0:
-        raise ValueError("empty batch: inputs have 0 rows")
-    if shape[1] == 0:
-        raise ValueError("empty sequences: inputs have 0 tokens")
-    limit = arch.max_length(model.config)
-    if shape[1] > limit:
-        raise ValueError(f"sequence length {shape[1]} exceeds the model's position limit {limit}; truncate the inputs")
+    check_input_shape(shape, arch.max_length(model.config))
     for name, extra, taken in (
         ("token_type_ids", token_type_ids, arch.token_types),
         ("position_ids", position_ids, arch.positions),
@@ -97,8 +112,7 @@ def embed(
     if not torch.compiler.is_compiling():
         every_row_has_a_token, padded = host_read(torch.stack([mask.any(dim=1).all(), (mask == 0).any()]))
         if not every_row_has_a_token:
-            empty_rows = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
-            raise ValueError(f"attention_mask rows {empty_rows[:10]} have no tokens; every sample needs one")
+            raise_empty_rows(mask)
     hidden = arch.embed(model, arch.base_model(model), input_ids, token_type_ids, position_ids, inputs_embeds, mask)
     return EncoderInputs(hidden, mask, padded)
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .architectures import Architecture, architecture_for
-from .encoder import layer_context, normalize_attention_mask
+from .encoder import check_input_ids, check_input_shape, layer_context, normalize_attention_mask, raise_empty_rows
 from .exit_rule import ExitRule
 from .modeling import teacher_logits
 from .ops.reference import exit_decision
@@ -133,9 +133,9 @@ def export_onnx(model: nn.Module, folder: str | Path, int8: bool = False) -> Pat
     if arch.token_types:
         first_inputs["token_type_ids"] = torch.zeros_like(input_ids)
     with torch.no_grad():
-        hidden = _FirstLayer(model, arch)(**first_inputs)
-        between = {"hidden": hidden, "attention_mask": mask}
-        _export(_FirstLayer(model, arch), first_inputs, "next_hidden", folder / "layer_1.onnx")
+        first = _FirstLayer(model, arch)
+        between = {"hidden": first(**first_inputs), "attention_mask": mask}
+        _export(first, first_inputs, "next_hidden", folder / "layer_1.onnx")
         for index in range(1, num_layers):
             last = index == num_layers - 1
             layer = _Layer(model, arch, index, last)
@@ -259,18 +259,11 @@ class OnnxFastBert:
     def _feeds(self, batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """The graphs' inputs, checked as the torch model checks them."""
         input_ids = batch["input_ids"]
-        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [batch, sequence], got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-        if input_ids.shape[1] > self.max_length:
-            raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds the model's position limit {self.max_length}; "
-                "truncate the inputs"
-            )
+        check_input_ids(input_ids)
+        check_input_shape(input_ids.shape, self.max_length)
         mask = normalize_attention_mask(batch.get("attention_mask"), input_ids.shape, input_ids.device)
         if not bool(mask.any(dim=1).all()):
-            raise ValueError("attention_mask has a row with no tokens; every sample needs one")
+            raise_empty_rows(mask)
         feeds = {"input_ids": input_ids.to(torch.int64).cpu().numpy(), "attention_mask": mask.cpu().numpy()}
         if "token_type_ids" in self.input_names:
             types = batch.get("token_type_ids")

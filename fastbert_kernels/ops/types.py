@@ -145,8 +145,13 @@ class BranchWeights(NamedTuple):
             W_o concat_j(sum_s a_s v_{s,j}) + b_o = sum_j M_j zbar_j + (W_o b_v + b_o),
             M_j = W_o[:, j] W_v,j,   zbar_j = sum_s a_{s,j} z_s.
         Per token this leaves the H -> R projection and two R-wide dot products/axpys per head.
-        ``w_in`` is cast to ``dtype`` (the hidden states', for the vendor GEMM); the rest is float32.
+        ``w_in`` is cast to ``dtype`` (the hidden states', for the vendor GEMM); the rest is float32,
+        also under autocast (whose bf16 matmuls would round it, and the kernels refuse it).
         """
+        with torch.autocast(self.w_in.device.type, enabled=False):
+            return self._fold(num_heads, dtype)
+
+    def _fold(self, num_heads: int, dtype: torch.dtype | None) -> FoldedWeights:
         w = self.float()
         r = w.b_in.shape[0]
         head = r // num_heads
